@@ -1,0 +1,220 @@
+//go:build ignore
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * tc programs on the host side of every pod veth.
+ *
+ * from_pod (ingress of the host veth, i.e. frames the pod sent):
+ *   anti-spoofing on source MAC and source IP, then a lookup of the
+ *   destination IP in endpoints_v1; a local pod is reached by rewriting the
+ *   MACs and bpf_redirect_peer() straight into its namespace, so same-node
+ *   traffic never crosses a bridge or the host's forwarding path. Anything
+ *   else continues to the host stack.
+ * to_pod (egress of the host veth): counts what the host stack delivers.
+ *
+ * "Pass" is TC_ACT_UNSPEC (TCX_NEXT): programs attached after ours still run.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+
+#include "datapath.h"
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+/* ARP for Ethernet/IPv4 (linux/if_arp.h pulls in libc headers). */
+struct arp_eth_ipv4 {
+	__be16 htype;
+	__be16 ptype;
+	__u8 hlen;
+	__u8 plen;
+	__be16 op;
+	__u8 sha[ETH_ALEN];
+	__u8 sip[4];
+	__u8 tha[ETH_ALEN];
+	__u8 tip[4];
+} __attribute__((packed));
+
+/* Forces bpf2go to emit Go types for every map key and value. */
+const struct endpoint_key *unused_endpoint_key __attribute__((unused));
+const struct endpoint_info *unused_endpoint_info __attribute__((unused));
+const struct device_info *unused_device_info __attribute__((unused));
+const struct endpoint_stats *unused_endpoint_stats __attribute__((unused));
+
+enum drop_reason {
+	DROP_SPOOFED_MAC,
+	DROP_SPOOFED_IP,
+	DROP_MALFORMED,
+};
+
+static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] &&
+	       a[3] == b[3] && a[4] == b[4] && a[5] == b[5];
+}
+
+static __always_inline void mac_copy(__u8 *dst, const __u8 *src)
+{
+	__builtin_memcpy(dst, src, ETH_ALEN);
+}
+
+static __always_inline int ipv6_equal(const struct in6_addr *a, const __u8 *b)
+{
+	const __u32 *x = (const __u32 *)a->in6_u.u6_addr8;
+	__u32 y[4];
+
+	__builtin_memcpy(y, b, 16);
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+/* Link-local (fe80::/10) and unspecified (::) sources are the pod's own
+ * neighbour discovery; they never match an endpoint and stay on the link. */
+static __always_inline int ipv6_link_scope(const struct in6_addr *a)
+{
+	const __u8 *b = a->in6_u.u6_addr8;
+	const __u32 *w = (const __u32 *)b;
+
+	if (b[0] == 0xfe && (b[1] & 0xc0) == 0x80)
+		return 1;
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == 0;
+}
+
+static __always_inline int drop(struct endpoint_stats *st, enum drop_reason why)
+{
+	if (st) {
+		switch (why) {
+		case DROP_SPOOFED_MAC:
+			st->drop_spoofed_mac++;
+			break;
+		case DROP_SPOOFED_IP:
+			st->drop_spoofed_ip++;
+			break;
+		case DROP_MALFORMED:
+			st->drop_malformed++;
+			break;
+		}
+	}
+	return TC_ACT_SHOT;
+}
+
+/* Sends the frame into the namespace of the pod that owns key, if that pod
+ * lives on this node. Returns TC_ACT_UNSPEC when it does not. */
+static __always_inline int redirect_local(struct __sk_buff *skb, struct endpoint_key *key,
+					  struct endpoint_stats *st)
+{
+	struct endpoint_info *ep = bpf_map_lookup_elem(&endpoints_v1, key);
+	void *data, *data_end;
+	struct ethhdr *eth;
+	struct endpoint_stats *dst;
+	__u32 ifindex;
+
+	if (!ep)
+		return TC_ACT_UNSPEC;
+	ifindex = ep->ifindex;
+
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_UNSPEC;
+	mac_copy(eth->h_dest, ep->pod_mac);
+	mac_copy(eth->h_source, ep->host_mac);
+
+	if (st) {
+		st->redirect_packets++;
+		st->redirect_bytes += skb->len;
+	}
+	dst = bpf_map_lookup_elem(&ep_stats_v1, &ifindex);
+	if (dst) {
+		dst->to_pod_packets++;
+		dst->to_pod_bytes += skb->len;
+	}
+	return bpf_redirect_peer(ifindex, 0);
+}
+
+SEC("tc")
+int from_pod(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct endpoint_key key = {};
+	struct endpoint_stats *st;
+	struct device_info *dev;
+	struct ethhdr *eth = data;
+	__u32 ifindex = skb->ifindex;
+
+	dev = bpf_map_lookup_elem(&devices_v1, &ifindex);
+	if (!dev)
+		return TC_ACT_UNSPEC; /* not an endpoint of ours (yet) */
+
+	st = bpf_map_lookup_elem(&ep_stats_v1, &ifindex);
+	if (st) {
+		st->from_pod_packets++;
+		st->from_pod_bytes += skb->len;
+	}
+
+	if ((void *)(eth + 1) > data_end)
+		return drop(st, DROP_MALFORMED);
+	if (!mac_equal(eth->h_source, dev->pod_mac))
+		return drop(st, DROP_SPOOFED_MAC);
+
+	switch (eth->h_proto) {
+	case bpf_htons(ETH_P_IP): {
+		struct iphdr *ip = (void *)(eth + 1);
+		__u32 want;
+
+		if ((void *)(ip + 1) > data_end)
+			return drop(st, DROP_MALFORMED);
+		__builtin_memcpy(&want, dev->ipv4, 4);
+		if (!(dev->flags & EP_FLAG_IPV4) || ip->saddr != want)
+			return drop(st, DROP_SPOOFED_IP);
+		key.family = EP_FAMILY_IPV4;
+		__builtin_memcpy(key.addr, &ip->daddr, 4);
+		return redirect_local(skb, &key, st);
+	}
+	case bpf_htons(ETH_P_IPV6): {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return drop(st, DROP_MALFORMED);
+		if (ipv6_link_scope(&ip6->saddr))
+			return TC_ACT_UNSPEC;
+		if (!(dev->flags & EP_FLAG_IPV6) || !ipv6_equal(&ip6->saddr, dev->ipv6))
+			return drop(st, DROP_SPOOFED_IP);
+		key.family = EP_FAMILY_IPV6;
+		__builtin_memcpy(key.addr, ip6->daddr.in6_u.u6_addr8, 16);
+		return redirect_local(skb, &key, st);
+	}
+	case bpf_htons(ETH_P_ARP): {
+		struct arp_eth_ipv4 *body = (void *)(eth + 1);
+		__u32 sip, want;
+
+		if ((void *)(body + 1) > data_end)
+			return drop(st, DROP_MALFORMED);
+		__builtin_memcpy(&sip, body->sip, 4);
+		__builtin_memcpy(&want, dev->ipv4, 4);
+		if (!mac_equal(body->sha, dev->pod_mac))
+			return drop(st, DROP_SPOOFED_MAC);
+		/* sip 0.0.0.0 is an address conflict probe (RFC 5227). */
+		if (sip != 0 && (!(dev->flags & EP_FLAG_IPV4) || sip != want))
+			return drop(st, DROP_SPOOFED_IP);
+		return TC_ACT_UNSPEC;
+	}
+	}
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int to_pod(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct endpoint_stats *st = bpf_map_lookup_elem(&ep_stats_v1, &ifindex);
+
+	if (st) {
+		st->to_pod_packets++;
+		st->to_pod_bytes += skb->len;
+	}
+	return TC_ACT_UNSPEC;
+}

@@ -1,0 +1,223 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/vishvananda/netlink"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/loader"
+	"github.com/ebpf-cni/ebpf-cni/internal/maps"
+	"github.com/ebpf-cni/ebpf-cni/internal/nat"
+	"github.com/ebpf-cni/ebpf-cni/internal/veth"
+)
+
+// cmdAdd: config → datapath pins → IPAM → veth, addresses, routes → device
+// entry → attach → endpoint entries → record + masquerade → result. Each
+// step registers its undo, so a failure leaves nothing behind.
+func cmdAdd(args *skel.CmdArgs) (_ types.Result, retErr error) {
+	conf, err := parseConfig(args.StdinData)
+	if err != nil {
+		return nil, err
+	}
+	pa, err := parseArgs(args.Args)
+	if err != nil {
+		return nil, err
+	}
+	mtu := conf.MTU
+	if mtu == 0 {
+		mtu = defaultMTU()
+	}
+
+	if err := veth.CheckAbsent(args.Netns, args.IfName); err != nil {
+		return nil, err
+	}
+	progs, err := loader.Ensure(conf.PinRoot)
+	if err != nil {
+		return nil, fmt.Errorf("load datapath: %w", err)
+	}
+	defer progs.Close()
+	m, err := maps.Open(conf.PinRoot)
+	if err != nil {
+		return nil, err
+	}
+	defer m.Close()
+
+	l, err := ipamAdd(conf, args, pa)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			ipamDel(conf, args)
+		}
+	}()
+
+	addrs := make([]netip.Addr, len(l.ips))
+	for i, p := range l.ips {
+		addrs[i] = p.Addr()
+	}
+	podMAC, hostMAC := veth.MACs(args.ContainerID, args.IfName)
+	host, pod, err := veth.Setup(veth.Pod{
+		NetNS:    args.Netns,
+		IfName:   args.IfName,
+		HostName: veth.HostName(args.ContainerID, args.IfName),
+		MTU:      mtu,
+		PodMAC:   podMAC,
+		HostMAC:  hostMAC,
+		Addrs:    addrs,
+		Routes:   l.routes,
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			veth.Teardown(host.Name)
+		}
+	}()
+
+	dev := maps.Device{PodMAC: podMAC, HostMAC: hostMAC}
+	for _, a := range addrs {
+		if a.Is4() {
+			dev.IPv4 = a
+		} else {
+			dev.IPv6 = a
+		}
+	}
+	if err := m.PutDevice(host.Index, dev); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			m.DeleteDevice(host.Index)
+		}
+	}()
+	mode, err := progs.Attach(host.Index, host.Name, loader.Mode(conf.Attach))
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			loader.Detach(conf.PinRoot, host.Index, host.Name)
+		}
+	}()
+	for _, a := range addrs {
+		if err := m.PutEndpoint(maps.Endpoint{IP: a, Ifindex: host.Index, PodMAC: podMAC, HostMAC: hostMAC}); err != nil {
+			return nil, err
+		}
+		defer func() {
+			if retErr != nil {
+				m.DeleteEndpoint(a, host.Index)
+			}
+		}()
+	}
+	if err := veth.EnableForwarding(addrs); err != nil {
+		return nil, err
+	}
+
+	unlock, err := lockNetwork(conf.StateDir, conf.Name)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	st := &endpointState{
+		ContainerID: args.ContainerID, IfName: args.IfName, NetNS: args.Netns,
+		HostVeth: host.Name, HostIndex: host.Index,
+		PodMAC: podMAC.String(), HostMAC: hostMAC.String(),
+		IPs: l.ips, PodNamespace: pa.Namespace, PodName: pa.Name,
+		Attach: string(mode), IPAM: ipamName(conf),
+	}
+	if err := writeState(conf.StateDir, conf.Name, st); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if retErr != nil {
+			removeState(conf.StateDir, conf.Name, args.ContainerID, args.IfName)
+		}
+	}()
+	if *conf.Masquerade {
+		var nets []netip.Prefix
+		for _, p := range l.ips {
+			nets = append(nets, p.Masked())
+		}
+		if err := nat.Ensure(conf.Name, nets); err != nil {
+			return nil, err
+		}
+	}
+	return buildResult(conf, host, pod, addrs, l.routes)
+}
+
+func ipamName(c *NetConf) string {
+	if c.builtin {
+		return builtinIPAM
+	}
+	return c.IPAMConf.Type
+}
+
+func buildResult(conf *NetConf, host, pod veth.Link, addrs []netip.Addr, routes []netip.Prefix) (types.Result, error) {
+	res := &current.Result{
+		CNIVersion: current.ImplementedSpecVersion,
+		Interfaces: []*current.Interface{
+			{Name: host.Name, Mac: host.MAC.String()},
+			{Name: pod.Name, Mac: pod.MAC.String(), Sandbox: pod.Sandbox},
+		},
+		DNS: conf.DNS,
+	}
+	podIdx := 1
+	for _, a := range addrs {
+		gw := veth.GatewayV6
+		if a.Is4() {
+			gw = veth.GatewayV4
+		}
+		res.IPs = append(res.IPs, &current.IPConfig{
+			Interface: &podIdx,
+			Address:   net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(a.BitLen(), a.BitLen())},
+			Gateway:   gw.AsSlice(),
+		})
+	}
+	for _, r := range routes {
+		gw := veth.GatewayV6
+		if r.Addr().Is4() {
+			gw = veth.GatewayV4
+		}
+		res.Routes = append(res.Routes, &types.Route{
+			Dst: net.IPNet{IP: r.Addr().AsSlice(), Mask: net.CIDRMask(r.Bits(), r.Addr().BitLen())},
+			GW:  gw.AsSlice(),
+		})
+	}
+	out, err := res.GetAsVersion(conf.CNIVersion)
+	if err != nil {
+		return nil, fmt.Errorf("convert result to %s: %w", conf.CNIVersion, err)
+	}
+	return out, nil
+}
+
+// defaultMTU is the MTU of the device holding the host's default route
+// (IPv4 first, then IPv6), 1500 when there is none.
+func defaultMTU() int {
+	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: 254}, netlink.RT_FILTER_TABLE)
+		if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+			continue
+		}
+		for _, r := range routes {
+			if (r.Dst == nil || isDefault(r.Dst)) && r.LinkIndex > 0 {
+				if l, err := netlink.LinkByIndex(r.LinkIndex); err == nil {
+					return l.Attrs().MTU
+				}
+			}
+		}
+	}
+	return 1500
+}
+
+func isDefault(n *net.IPNet) bool {
+	ones, _ := n.Mask.Size()
+	return ones == 0
+}

@@ -1,0 +1,256 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"regexp"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/cni/pkg/version"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/ipam"
+	"github.com/ebpf-cni/ebpf-cni/internal/loader"
+)
+
+// Defaults of the network config; README documents each field.
+const (
+	defaultPinRoot  = "/sys/fs/bpf/ebpf-cni"
+	defaultStateDir = "/var/lib/ebpf-cni"
+	defaultDataDir  = "/var/lib/ebpf-cni/ipam"
+	builtinIPAM     = "ebpf-cni"
+)
+
+// validName is libcni's rule for network names; the name becomes a path.
+var validName = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`)
+
+// NetConf is the plugin's network configuration.
+type NetConf struct {
+	types.NetConf
+	MTU        int    `json:"mtu,omitempty"`
+	PinRoot    string `json:"pinRoot,omitempty"`
+	StateDir   string `json:"stateDir,omitempty"`
+	Masquerade *bool  `json:"masquerade,omitempty"`
+	LogFile    string `json:"logFile,omitempty"`
+	Attach     string `json:"attach,omitempty"`
+
+	IPAMConf IPAMConf `json:"-"`
+
+	builtin bool            // the built-in IPAM serves this network
+	sets    []ipam.RangeSet // validated ranges of the built-in IPAM
+	routes  []netip.Prefix  // pod routes of the built-in IPAM
+}
+
+// IPAMConf is the host-local-shaped ipam section the built-in IPAM reads.
+type IPAMConf struct {
+	Type    string        `json:"type"`
+	Ranges  [][]rangeConf `json:"ranges"`
+	Routes  []routeConf   `json:"routes"`
+	DataDir string        `json:"dataDir"`
+}
+
+type rangeConf struct {
+	Subnet     string `json:"subnet"`
+	RangeStart string `json:"rangeStart"`
+	RangeEnd   string `json:"rangeEnd"`
+	Gateway    string `json:"gateway"`
+}
+
+type routeConf struct {
+	Dst string `json:"dst"`
+	GW  string `json:"gw"`
+}
+
+// configError is a config the plugin refuses (CNI code 7); it names the field.
+type configError struct {
+	field string
+	err   error
+}
+
+func (e *configError) Error() string { return e.field + ": " + e.err.Error() }
+func (e *configError) Unwrap() error { return e.err }
+
+func invalid(field, format string, a ...any) error {
+	return &configError{field: field, err: fmt.Errorf(format, a...)}
+}
+
+// decodeError is stdin that is not the JSON we expect (CNI code 6).
+type decodeError struct{ err error }
+
+func (e *decodeError) Error() string { return "decode network config: " + e.err.Error() }
+func (e *decodeError) Unwrap() error { return e.err }
+
+// parseConfig decodes and validates stdin, filling defaults.
+func parseConfig(stdin []byte) (*NetConf, error) {
+	conf := &NetConf{}
+	if err := json.Unmarshal(stdin, conf); err != nil {
+		return nil, &decodeError{err}
+	}
+	var raw struct {
+		IPAM json.RawMessage `json:"ipam"`
+	}
+	if err := json.Unmarshal(stdin, &raw); err != nil {
+		return nil, &decodeError{err}
+	}
+	if len(raw.IPAM) > 0 && string(raw.IPAM) != "null" {
+		if err := json.Unmarshal(raw.IPAM, &conf.IPAMConf); err != nil {
+			return nil, &decodeError{fmt.Errorf("ipam: %w", err)}
+		}
+	}
+	if err := conf.validate(); err != nil {
+		return nil, err
+	}
+	if conf.RawPrevResult != nil {
+		if err := version.ParsePrevResult(&conf.NetConf); err != nil {
+			return nil, &decodeError{fmt.Errorf("prevResult: %w", err)}
+		}
+	}
+	return conf, nil
+}
+
+func (c *NetConf) validate() error {
+	if c.CNIVersion == "" {
+		return invalid("cniVersion", "missing")
+	}
+	if ok, err := version.GreaterThanOrEqualTo(c.CNIVersion, "0.3.0"); err != nil || !ok {
+		return invalid("cniVersion", "%q is not supported (want one of %s)", c.CNIVersion, strings.Join(supportedVersions.SupportedVersions(), ", "))
+	}
+	if c.Name == "" {
+		return invalid("name", "missing")
+	}
+	if !validName.MatchString(c.Name) {
+		return invalid("name", "%q may only hold letters, digits, '_', '.' and '-', starting with a letter or digit", c.Name)
+	}
+	if c.MTU != 0 && (c.MTU < 68 || c.MTU > 65535) {
+		return invalid("mtu", "%d is outside 68..65535", c.MTU)
+	}
+	if c.PinRoot == "" {
+		c.PinRoot = defaultPinRoot
+	}
+	if !filepath.IsAbs(c.PinRoot) {
+		return invalid("pinRoot", "%q is not an absolute path", c.PinRoot)
+	}
+	c.PinRoot = filepath.Clean(c.PinRoot)
+	if c.StateDir == "" {
+		c.StateDir = defaultStateDir
+	}
+	if !filepath.IsAbs(c.StateDir) {
+		return invalid("stateDir", "%q is not an absolute path", c.StateDir)
+	}
+	if c.LogFile != "" && !filepath.IsAbs(c.LogFile) {
+		return invalid("logFile", "%q is not an absolute path", c.LogFile)
+	}
+	if c.Masquerade == nil {
+		t := true
+		c.Masquerade = &t
+	}
+	switch loader.Mode(c.Attach) {
+	case "":
+		c.Attach = string(loader.ModeAuto)
+	case loader.ModeAuto, loader.ModeTCX, loader.ModeTC:
+	default:
+		return invalid("attach", "%q is not one of auto, tcx, tc", c.Attach)
+	}
+	return c.validateIPAM()
+}
+
+func (c *NetConf) validateIPAM() error {
+	ic := &c.IPAMConf
+	switch ic.Type {
+	case "", builtinIPAM:
+		c.builtin = true
+	default:
+		if strings.ContainsAny(ic.Type, "/\\") || ic.Type == "." || ic.Type == ".." {
+			return invalid("ipam.type", "%q is not a plugin name", ic.Type)
+		}
+		return nil // the delegated plugin validates its own section
+	}
+	if len(ic.Ranges) == 0 {
+		return invalid("ipam.ranges", "missing: the built-in IPAM needs at least one range set")
+	}
+	sets := make([]ipam.RangeSet, len(ic.Ranges))
+	for i, set := range ic.Ranges {
+		for j, r := range set {
+			field := fmt.Sprintf("ipam.ranges[%d][%d]", i, j)
+			var rg ipam.Range
+			var err error
+			if r.Subnet == "" {
+				return invalid(field+".subnet", "missing")
+			}
+			if rg.Subnet, err = netip.ParsePrefix(r.Subnet); err != nil {
+				return invalid(field+".subnet", "%q is not a CIDR", r.Subnet)
+			}
+			for _, a := range []struct {
+				name string
+				s    string
+				dst  *netip.Addr
+			}{{"rangeStart", r.RangeStart, &rg.RangeStart}, {"rangeEnd", r.RangeEnd, &rg.RangeEnd}, {"gateway", r.Gateway, &rg.Gateway}} {
+				if a.s == "" {
+					continue
+				}
+				if *a.dst, err = netip.ParseAddr(a.s); err != nil {
+					return invalid(field+"."+a.name, "%q is not an IP address", a.s)
+				}
+			}
+			sets[i] = append(sets[i], rg)
+		}
+	}
+	valid, err := ipam.Validate(sets)
+	if err != nil {
+		var fe *ipam.FieldError
+		if errors.As(err, &fe) {
+			return &configError{field: fe.Field, err: fe.Err}
+		}
+		return invalid("ipam.ranges", "%w", err)
+	}
+	c.sets = valid
+	for i, r := range ic.Routes {
+		p, err := netip.ParsePrefix(r.Dst)
+		if err != nil {
+			return invalid(fmt.Sprintf("ipam.routes[%d].dst", i), "%q is not a CIDR", r.Dst)
+		}
+		c.routes = append(c.routes, p.Masked())
+	}
+	if ic.DataDir == "" {
+		ic.DataDir = defaultDataDir
+	}
+	if !filepath.IsAbs(ic.DataDir) {
+		return invalid("ipam.dataDir", "%q is not an absolute path", ic.DataDir)
+	}
+	return nil
+}
+
+// podArgs are the Kubernetes keys of CNI_ARGS the plugin records.
+type podArgs struct {
+	Namespace, Name, UID string
+}
+
+// parseArgs reads CNI_ARGS ("K=V;K=V"); unknown keys are ignored, as every
+// runtime sends some (IgnoreUnknown, K8S_POD_INFRA_CONTAINER_ID, ...).
+func parseArgs(s string) (podArgs, error) {
+	var a podArgs
+	if s == "" {
+		return a, nil
+	}
+	for _, kv := range strings.Split(s, ";") {
+		if kv == "" {
+			continue
+		}
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			return a, types.NewError(types.ErrInvalidEnvironmentVariables, "CNI_ARGS: "+fmt.Sprintf("%q is not KEY=VALUE", kv), "")
+		}
+		switch k {
+		case "K8S_POD_NAMESPACE":
+			a.Namespace = v
+		case "K8S_POD_NAME":
+			a.Name = v
+		case "K8S_POD_UID":
+			a.UID = v
+		}
+	}
+	return a, nil
+}

@@ -1,0 +1,133 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/loader"
+	"github.com/ebpf-cni/ebpf-cni/internal/maps"
+	"github.com/ebpf-cni/ebpf-cni/internal/nat"
+	"github.com/ebpf-cni/ebpf-cni/internal/veth"
+)
+
+// cmdDel undoes ADD in reverse and keeps going past errors. It succeeds when
+// repeated, when ADD never ran or failed half-way, and when the netns is
+// gone: the addresses and map entries are released all the same.
+func cmdDel(args *skel.CmdArgs) (types.Result, error) {
+	conf, err := parseConfig(args.StdinData)
+	if err != nil {
+		return nil, err
+	}
+	var extra []netip.Addr
+	if conf.PrevResult != nil {
+		if res, err := current.NewResultFromResult(conf.PrevResult); err == nil {
+			for _, ipc := range res.IPs {
+				if p, ok := prefixOf(ipc.Address); ok {
+					extra = append(extra, p.Addr())
+				}
+			}
+		}
+	}
+	return nil, teardown(conf, args.ContainerID, args.IfName, extra, func() error { return ipamDel(conf, args) })
+}
+
+// teardown removes one attachment: map entries (before its addresses are
+// released, so they cannot be handed to a new pod while still mapped), link
+// pins and filters, the veth, the addresses, the record, and the network's
+// masquerade rules once its last endpoint is gone.
+func teardown(conf *NetConf, containerID, ifname string, extra []netip.Addr, release func() error) error {
+	var errs []error
+	st, err := readState(conf.StateDir, conf.Name, containerID, ifname)
+	errs = append(errs, err)
+	hostName := veth.HostName(containerID, ifname)
+	addrs := extra
+	idx := veth.HostIndex(hostName)
+	if st != nil {
+		addrs = append(addrs, st.addrs()...)
+		if idx == 0 && !ifindexTaken(st.HostIndex) {
+			idx = st.HostIndex // veth gone, its ifindex not reused: entries are ours
+		}
+	}
+	addrs = append(addrs, reserved(conf, containerID, ifname)...)
+
+	m, err := maps.Open(conf.PinRoot)
+	switch {
+	case err == nil:
+		for _, a := range addrs {
+			errs = append(errs, m.DeleteEndpoint(a, idx))
+		}
+		if idx > 0 {
+			errs = append(errs, m.DeleteDevice(idx))
+		}
+		m.Close()
+	case errors.Is(err, loader.ErrNotLoaded):
+		// no datapath on this node: nothing mapped
+	default:
+		errs = append(errs, err)
+	}
+	errs = append(errs, loader.Detach(conf.PinRoot, veth.HostIndex(hostName), hostName))
+	errs = append(errs, veth.Teardown(hostName))
+	if release != nil {
+		errs = append(errs, release())
+	}
+
+	unlock, err := lockNetwork(conf.StateDir, conf.Name)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	defer unlock()
+	errs = append(errs, removeState(conf.StateDir, conf.Name, containerID, ifname))
+	left, err := listStates(conf.StateDir, conf.Name)
+	if err == nil && len(left) == 0 {
+		errs = append(errs, nat.Remove(conf.Name))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("delete %s/%s: %w", containerID, ifname, err)
+	}
+	return nil
+}
+
+// reserved lists the built-in IPAM's addresses of an attachment.
+func reserved(conf *NetConf, containerID, ifname string) []netip.Addr {
+	if !conf.builtin {
+		return nil
+	}
+	alloc, err := conf.allocator()
+	if err != nil {
+		return nil
+	}
+	recs, err := alloc.Records()
+	if err != nil {
+		return nil
+	}
+	var out []netip.Addr
+	for _, r := range recs {
+		if r.ContainerID == containerID && r.IfName == ifname {
+			out = append(out, r.IP)
+		}
+	}
+	return out
+}
+
+// ifindexTaken reports whether a link with that index exists now.
+func ifindexTaken(idx int) bool {
+	if idx <= 0 {
+		return false
+	}
+	links, err := netlinksafe.LinkList()
+	if err != nil {
+		return true // cannot tell: do not touch entries keyed by it
+	}
+	for _, l := range links {
+		if l.Attrs().Index == idx {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,49 @@
+package main
+
+import (
+	"errors"
+
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/flock"
+	"github.com/ebpf-cni/ebpf-cni/internal/ipam"
+	"github.com/ebpf-cni/ebpf-cni/internal/loader"
+	"github.com/ebpf-cni/ebpf-cni/internal/veth"
+)
+
+const (
+	// errNotReady is STATUS's "cannot serve ADD" (the spec's 50).
+	errNotReady uint = 50
+	// errIPAMExhausted is ours (the spec leaves 100+ to plugins).
+	errIPAMExhausted uint = 100
+)
+
+// toCNI is the one place internal errors become CNI error objects.
+func toCNI(err error) error {
+	if err == nil {
+		return nil
+	}
+	var ce *types.Error
+	if errors.As(err, &ce) {
+		return ce
+	}
+	var cfg *configError
+	var dec *decodeError
+	switch {
+	case errors.As(err, &cfg):
+		return types.NewError(types.ErrInvalidNetworkConfig, err.Error(), "")
+	case errors.As(err, &dec):
+		return types.NewError(types.ErrDecodingFailure, err.Error(), "")
+	case errors.Is(err, flock.ErrTimeout), errors.Is(err, ipam.ErrLockTimeout):
+		return types.NewError(types.ErrTryAgainLater, err.Error(), "another CNI call holds the node lock; try again later")
+	case errors.Is(err, loader.ErrNoBPFFS):
+		return types.NewError(types.ErrTryAgainLater, err.Error(), "bpffs is not mounted; try again later")
+	case errors.Is(err, veth.ErrNetNS):
+		return types.NewError(types.ErrInvalidNetNS, "CNI_NETNS: "+err.Error(), "")
+	case errors.Is(err, veth.ErrIfExists):
+		return types.NewError(types.ErrInvalidEnvironmentVariables, "CNI_IFNAME: "+err.Error(), "")
+	case errors.Is(err, ipam.ErrExhausted):
+		return types.NewError(errIPAMExhausted, err.Error(), "no free address in the ipam ranges")
+	}
+	return types.NewError(types.ErrInternal, err.Error(), "")
+}

@@ -1,0 +1,180 @@
+// Package loader loads the datapath compiled by bpf2go, pins it once per
+// node and attaches it to host veths.
+//
+// Pins under the pin root (default /sys/fs/bpf/ebpf-cni) outlive every plugin
+// process:
+//
+//	<root>/endpoints_v1, devices_v1, ep_stats_v1  maps, pinned by name
+//	<root>/progs/<tag>/from_pod, to_pod          programs of one object build
+//	<root>/links/<host veth>-ingress, -egress     TCX links (a TCX link whose
+//	                                              last handle closes detaches)
+//
+// <tag> is derived from the embedded object, so a new build loads its own
+// programs beside the old ones and endpoints attached by the old build keep
+// working. First-time creation runs under an flock on the pin root directory,
+// so any number of concurrent ADDs create the pins exactly once.
+package loader
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/flock"
+)
+
+// ErrIncompatible means a pinned map has another layout than this build's.
+var ErrIncompatible = errors.New("pinned map is incompatible with this build")
+
+// ErrNotLoaded means the pin root holds no programs of this build yet.
+var ErrNotLoaded = errors.New("datapath not loaded on this node")
+
+// Tag names this build's object; it is the directory its programs are pinned in.
+var Tag = func() string {
+	sum := sha256.Sum256(_DatapathBytes)
+	return hex.EncodeToString(sum[:6])
+}()
+
+// Programs are the loaded tc programs of this build.
+type Programs struct {
+	FromPod *ebpf.Program
+	ToPod   *ebpf.Program
+	root    string
+}
+
+// Close releases the program handles; pins keep the programs loaded.
+func (p *Programs) Close() error {
+	return errors.Join(p.FromPod.Close(), p.ToPod.Close())
+}
+
+func progDir(root string) string { return filepath.Join(root, "progs", Tag) }
+
+// LinkDir is where TCX links of attached host veths are pinned.
+func LinkDir(root string) string { return filepath.Join(root, "links") }
+
+// Ensure returns this build's programs, loading and pinning the datapath
+// first if this node (pin root) has not got it yet. bpffs is mounted at
+// /sys/fs/bpf when the pin root lives there and nothing is mounted.
+func Ensure(root string) (*Programs, error) {
+	if p, err := Open(root); err == nil {
+		return p, nil
+	}
+	if err := EnsureBPFFS(root); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, fmt.Errorf("create pin root %s: %w", root, err)
+	}
+	unlock, err := flock.Acquire(root, flock.DefaultWait)
+	if err != nil {
+		return nil, fmt.Errorf("lock pin root: %w", err)
+	}
+	defer unlock()
+	if p, err := Open(root); err == nil {
+		return p, nil // another ADD won the race
+	}
+	return create(root)
+}
+
+// Open loads this build's pinned programs; ErrNotLoaded when absent.
+func Open(root string) (*Programs, error) {
+	dir := progDir(root)
+	from, err := ebpf.LoadPinnedProgram(filepath.Join(dir, DatapathProgFromPod), nil)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("%s: %w", dir, ErrNotLoaded)
+		}
+		return nil, fmt.Errorf("load pinned program from_pod: %w", err)
+	}
+	to, err := ebpf.LoadPinnedProgram(filepath.Join(dir, DatapathProgToPod), nil)
+	if err != nil {
+		from.Close()
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("%s: %w", dir, ErrNotLoaded)
+		}
+		return nil, fmt.Errorf("load pinned program to_pod: %w", err)
+	}
+	return &Programs{FromPod: from, ToPod: to, root: root}, nil
+}
+
+func create(root string) (*Programs, error) {
+	spec, err := LoadDatapath()
+	if err != nil {
+		return nil, fmt.Errorf("parse embedded datapath: %w", err)
+	}
+	var objs DatapathObjects
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: root}}
+	if err := spec.LoadAndAssign(&objs, opts); err != nil {
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return nil, fmt.Errorf("%w: %w (remove the old pin or upgrade every node)", ErrIncompatible, err)
+		}
+		return nil, fmt.Errorf("load datapath: %w", err)
+	}
+	objs.DatapathMaps.Close() // pinned by name; internal/maps reopens them
+	dir := progDir(root)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		objs.DatapathPrograms.Close()
+		return nil, fmt.Errorf("create %s: %w", dir, err)
+	}
+	for name, prog := range map[string]*ebpf.Program{
+		DatapathProgFromPod: objs.FromPod,
+		DatapathProgToPod:   objs.ToPod,
+	} {
+		if err := prog.Pin(filepath.Join(dir, name)); err != nil {
+			objs.DatapathPrograms.Close()
+			os.RemoveAll(dir)
+			return nil, fmt.Errorf("pin program %s: %w", name, err)
+		}
+	}
+	return &Programs{FromPod: objs.FromPod, ToPod: objs.ToPod, root: root}, nil
+}
+
+// LoadUnpinned loads the datapath with private, unpinned maps: for tests
+// that run the programs on crafted frames.
+func LoadUnpinned() (*DatapathObjects, error) {
+	spec, err := LoadDatapath()
+	if err != nil {
+		return nil, fmt.Errorf("parse embedded datapath: %w", err)
+	}
+	for _, m := range spec.Maps {
+		m.Pinning = ebpf.PinNone
+	}
+	var objs DatapathObjects
+	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+		return nil, fmt.Errorf("load datapath: %w", err)
+	}
+	return &objs, nil
+}
+
+// CheckPins reports whether the maps pinned under root (if any) can be used
+// by this build. Missing pins are fine: the first ADD creates them.
+func CheckPins(root string) error {
+	spec, err := LoadDatapath()
+	if err != nil {
+		return fmt.Errorf("parse embedded datapath: %w", err)
+	}
+	for name, ms := range spec.Maps {
+		if ms.Pinning != ebpf.PinByName {
+			continue
+		}
+		path := filepath.Join(root, name)
+		m, err := ebpf.LoadPinnedMap(path, nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("open pinned map %s: %w", path, err)
+		}
+		err = ms.Compatible(m)
+		m.Close()
+		if err != nil {
+			return fmt.Errorf("%s: %w: %w", path, ErrIncompatible, err)
+		}
+	}
+	return nil
+}

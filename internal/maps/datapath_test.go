@@ -1,0 +1,223 @@
+package maps_test
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"testing"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/loader"
+	"github.com/ebpf-cni/ebpf-cni/internal/maps"
+)
+
+// Verdicts of a tc program (linux/pkt_cls.h).
+const (
+	actUnspec   = ^uint32(0) // TC_ACT_UNSPEC (-1): continue (TCX_NEXT)
+	actShot     = 2
+	actRedirect = 7
+)
+
+// Without a context BPF_PROG_TEST_RUN runs on the loopback device, so the
+// "host veth" of the endpoint under test is ifindex 1.
+const testIfindex = 1
+
+var (
+	podMAC   = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0x01}
+	hostMAC  = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0xee}
+	peerPod  = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0x02}
+	peerHost = net.HardwareAddr{0x02, 0x00, 0x00, 0x00, 0x00, 0xef}
+	podIP    = netip.MustParseAddr("10.9.0.1")
+	peerIP   = netip.MustParseAddr("10.9.0.2")
+	podIP6   = netip.MustParseAddr("fd09::1")
+	peerIP6  = netip.MustParseAddr("fd09::2")
+)
+
+func ipv4Frame(srcMAC net.HardwareAddr, src, dst netip.Addr) []byte {
+	var b bytes.Buffer
+	b.Write(hostMAC)
+	b.Write(srcMAC)
+	binary.Write(&b, binary.BigEndian, uint16(0x0800))
+	ip := make([]byte, 20)
+	ip[0] = 0x45
+	binary.BigEndian.PutUint16(ip[2:], 20+8)
+	ip[8], ip[9] = 64, 17
+	s, d := src.As4(), dst.As4()
+	copy(ip[12:], s[:])
+	copy(ip[16:], d[:])
+	b.Write(ip)
+	b.Write(make([]byte, 8)) // UDP header
+	return padFrame(b.Bytes())
+}
+
+func ipv6Frame(srcMAC net.HardwareAddr, src, dst netip.Addr) []byte {
+	var b bytes.Buffer
+	b.Write(hostMAC)
+	b.Write(srcMAC)
+	binary.Write(&b, binary.BigEndian, uint16(0x86dd))
+	ip := make([]byte, 40)
+	ip[0] = 0x60
+	binary.BigEndian.PutUint16(ip[4:], 8)
+	ip[6], ip[7] = 17, 64
+	s, d := src.As16(), dst.As16()
+	copy(ip[8:], s[:])
+	copy(ip[24:], d[:])
+	b.Write(ip)
+	b.Write(make([]byte, 8))
+	return padFrame(b.Bytes())
+}
+
+func arpFrame(srcMAC, senderMAC net.HardwareAddr, sender, target netip.Addr) []byte {
+	var b bytes.Buffer
+	b.Write([]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
+	b.Write(srcMAC)
+	binary.Write(&b, binary.BigEndian, uint16(0x0806))
+	binary.Write(&b, binary.BigEndian, []uint16{1, 0x0800})
+	b.Write([]byte{6, 4, 0, 1})
+	b.Write(senderMAC)
+	s, t := sender.As4(), target.As4()
+	b.Write(s[:])
+	b.Write(make([]byte, 6))
+	b.Write(t[:])
+	return padFrame(b.Bytes())
+}
+
+func padFrame(f []byte) []byte {
+	if len(f) < 60 {
+		f = append(f, make([]byte, 60-len(f))...)
+	}
+	return f
+}
+
+func load(t *testing.T) (*loader.DatapathObjects, *maps.Maps) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN)")
+	}
+	objs, err := loader.LoadUnpinned()
+	if err != nil {
+		t.Fatalf("load datapath: %v", err)
+	}
+	t.Cleanup(func() { objs.Close() })
+	m := maps.FromObjects(objs)
+	if err := m.PutDevice(testIfindex, maps.Device{PodMAC: podMAC, HostMAC: hostMAC, IPv4: podIP, IPv6: podIP6}); err != nil {
+		t.Fatal(err)
+	}
+	for _, ip := range []netip.Addr{peerIP, peerIP6} {
+		if err := m.PutEndpoint(maps.Endpoint{IP: ip, Ifindex: 42, PodMAC: peerPod, HostMAC: peerHost}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return objs, m
+}
+
+func run(t *testing.T, prog *ebpf.Program, frame []byte) (uint32, []byte) {
+	t.Helper()
+	out := make([]byte, len(frame)+256)
+	ret, err := prog.Run(&ebpf.RunOptions{Data: frame, DataOut: out})
+	if err != nil {
+		t.Fatalf("run program: %v", err)
+	}
+	return ret, out[:len(frame)]
+}
+
+func TestFromPodVerdicts(t *testing.T) {
+	objs, m := load(t)
+	spoofMAC := net.HardwareAddr{0x02, 0xba, 0xd0, 0, 0, 1}
+	other := netip.MustParseAddr("192.0.2.7")
+	tests := []struct {
+		name    string
+		frame   []byte
+		want    uint32
+		counter func(maps.Stats) uint64
+	}{
+		{"ipv4 to local pod is redirected", ipv4Frame(podMAC, podIP, peerIP), actRedirect, func(s maps.Stats) uint64 { return s.RedirectPackets }},
+		{"ipv6 to local pod is redirected", ipv6Frame(podMAC, podIP6, peerIP6), actRedirect, func(s maps.Stats) uint64 { return s.RedirectPackets }},
+		{"ipv4 to non-local passes to the host", ipv4Frame(podMAC, podIP, other), actUnspec, func(s maps.Stats) uint64 { return s.FromPodPackets }},
+		{"ipv6 link-local passes", ipv6Frame(podMAC, netip.MustParseAddr("fe80::1234"), peerIP6), actUnspec, func(s maps.Stats) uint64 { return s.FromPodPackets }},
+		{"spoofed ipv4 source is dropped", ipv4Frame(podMAC, other, peerIP), actShot, func(s maps.Stats) uint64 { return s.DropSpoofedIp }},
+		{"spoofed ipv6 source is dropped", ipv6Frame(podMAC, netip.MustParseAddr("fd09::99"), peerIP6), actShot, func(s maps.Stats) uint64 { return s.DropSpoofedIp }},
+		{"spoofed source mac is dropped", ipv4Frame(spoofMAC, podIP, peerIP), actShot, func(s maps.Stats) uint64 { return s.DropSpoofedMac }},
+		{"arp from the pod passes", arpFrame(podMAC, podMAC, podIP, peerIP), actUnspec, func(s maps.Stats) uint64 { return s.FromPodPackets }},
+		{"arp with spoofed sender ip is dropped", arpFrame(podMAC, podMAC, other, peerIP), actShot, func(s maps.Stats) uint64 { return s.DropSpoofedIp }},
+		{"arp with spoofed sender mac is dropped", arpFrame(podMAC, spoofMAC, podIP, peerIP), actShot, func(s maps.Stats) uint64 { return s.DropSpoofedMac }},
+		{"truncated arp is dropped", arpFrame(podMAC, podMAC, podIP, peerIP)[:24], actShot, func(s maps.Stats) uint64 { return s.DropMalformed }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before, err := m.Stats(testIfindex)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, out := run(t, objs.FromPod, tt.frame)
+			if got != tt.want {
+				t.Fatalf("verdict = %d, want %d", int32(got), int32(tt.want))
+			}
+			after, err := m.Stats(testIfindex)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d := tt.counter(after) - tt.counter(before); d != 1 {
+				t.Errorf("counter moved by %d, want 1 (before %+v after %+v)", d, before, after)
+			}
+			if tt.want == actRedirect {
+				if !bytes.Equal(out[0:6], peerPod) || !bytes.Equal(out[6:12], peerHost) {
+					t.Errorf("macs after redirect dst=%s src=%s, want dst=%s src=%s",
+						net.HardwareAddr(out[0:6]), net.HardwareAddr(out[6:12]), peerPod, peerHost)
+				}
+			}
+		})
+	}
+}
+
+func TestFromPodUnknownDevicePasses(t *testing.T) {
+	objs, m := load(t)
+	if err := m.DeleteDevice(testIfindex); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := run(t, objs.FromPod, ipv4Frame(podMAC, netip.MustParseAddr("192.0.2.1"), peerIP))
+	if got != actUnspec {
+		t.Fatalf("verdict on a device that is not ours = %d, want pass", int32(got))
+	}
+	if _, err := m.Stats(testIfindex); !errors.Is(err, maps.ErrNotFound) {
+		t.Fatalf("counters of a deleted device: %v, want ErrNotFound", err)
+	}
+}
+
+func TestToPodCounts(t *testing.T) {
+	objs, m := load(t)
+	frame := ipv4Frame(hostMAC, peerIP, podIP)
+	if got, _ := run(t, objs.ToPod, frame); got != actUnspec {
+		t.Fatalf("verdict = %d, want pass", int32(got))
+	}
+	s, err := m.Stats(testIfindex)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.ToPodPackets != 1 || s.ToPodBytes != uint64(len(frame)) {
+		t.Fatalf("to_pod counters = %d packets %d bytes, want 1 and %d", s.ToPodPackets, s.ToPodBytes, len(frame))
+	}
+}
+
+func TestEndpointDeleteChecksOwner(t *testing.T) {
+	_, m := load(t)
+	if err := m.DeleteEndpoint(peerIP, 7); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Endpoint(peerIP); err != nil {
+		t.Fatalf("entry owned by ifindex 42 was removed by a DEL for ifindex 7: %v", err)
+	}
+	if err := m.DeleteEndpoint(peerIP, 42); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Endpoint(peerIP); !errors.Is(err, maps.ErrNotFound) {
+		t.Fatalf("after delete: %v, want ErrNotFound", err)
+	}
+	if err := m.DeleteEndpoint(peerIP, 42); err != nil {
+		t.Fatalf("second delete: %v", err)
+	}
+}

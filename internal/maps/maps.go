@@ -1,0 +1,322 @@
+// Package maps is typed access to the datapath's pinned maps. The Go key and
+// value types are the ones bpf2go generated from bpf/datapath.h; a raw
+// *ebpf.Map never leaves this package.
+//
+// Single Put/Delete calls need no lock: the kernel serialises them. Entries
+// are owned by one attachment (keyed by its host veth ifindex or its pod IP),
+// and deletes check ownership so a late DEL never removes a newer pod's entry.
+package maps
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/loader"
+)
+
+// ErrNotFound is returned for a key that has no entry.
+var ErrNotFound = errors.New("no map entry")
+
+// Maps holds the node's datapath maps.
+type Maps struct {
+	endpoints *ebpf.Map
+	devices   *ebpf.Map
+	stats     *ebpf.Map
+}
+
+// Open opens the maps pinned under root. It wraps loader.ErrNotLoaded when
+// no ADD has created them yet.
+func Open(root string) (*Maps, error) {
+	var ms []*ebpf.Map
+	for _, name := range []string{loader.DatapathMapEndpointsV1, loader.DatapathMapDevicesV1, loader.DatapathMapEpStatsV1} {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(root, name), nil)
+		if err != nil {
+			for _, o := range ms {
+				o.Close()
+			}
+			if errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("open pinned map %s: %w", name, loader.ErrNotLoaded)
+			}
+			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
+		}
+		ms = append(ms, m)
+	}
+	return &Maps{endpoints: ms[0], devices: ms[1], stats: ms[2]}, nil
+}
+
+// FromObjects wraps the maps of an unpinned load (tests of the programs).
+func FromObjects(objs *loader.DatapathObjects) *Maps {
+	return &Maps{endpoints: objs.EndpointsV1, devices: objs.DevicesV1, stats: objs.EpStatsV1}
+}
+
+// Close releases the handles; the pins keep the maps.
+func (m *Maps) Close() error {
+	return errors.Join(m.endpoints.Close(), m.devices.Close(), m.stats.Close())
+}
+
+// Endpoint is one entry of endpoints_v1: where a pod address lives.
+type Endpoint struct {
+	IP      netip.Addr
+	Ifindex int
+	PodMAC  net.HardwareAddr
+	HostMAC net.HardwareAddr
+}
+
+// Device is one entry of devices_v1: what the pod behind a host veth may send.
+type Device struct {
+	PodMAC  net.HardwareAddr
+	HostMAC net.HardwareAddr
+	IPv4    netip.Addr // zero when the pod has none
+	IPv6    netip.Addr
+}
+
+// Stats are an endpoint's counters, summed over CPUs.
+type Stats = loader.DatapathEndpointStats
+
+const (
+	familyIPv4 = 4
+	familyIPv6 = 6
+	flagIPv4   = 1 << 0
+	flagIPv6   = 1 << 1
+)
+
+func endpointKey(ip netip.Addr) loader.DatapathEndpointKey {
+	var k loader.DatapathEndpointKey
+	ip = ip.Unmap()
+	if ip.Is4() {
+		k.Family = familyIPv4
+		a := ip.As4()
+		copy(k.Addr[:], a[:])
+	} else {
+		k.Family = familyIPv6
+		k.Addr = ip.As16()
+	}
+	return k
+}
+
+func keyAddr(k loader.DatapathEndpointKey) netip.Addr {
+	if k.Family == familyIPv4 {
+		return netip.AddrFrom4([4]byte(k.Addr[:4]))
+	}
+	return netip.AddrFrom16(k.Addr)
+}
+
+func mac6(hw net.HardwareAddr) ([6]byte, error) {
+	if len(hw) != 6 {
+		return [6]byte{}, fmt.Errorf("mac %q is not 6 bytes", hw)
+	}
+	return [6]byte(hw), nil
+}
+
+// PutEndpoint makes ip reachable through the host veth ifindex.
+func (m *Maps) PutEndpoint(ep Endpoint) error {
+	pod, err := mac6(ep.PodMAC)
+	if err != nil {
+		return err
+	}
+	host, err := mac6(ep.HostMAC)
+	if err != nil {
+		return err
+	}
+	flags := uint32(flagIPv6)
+	if ep.IP.Unmap().Is4() {
+		flags = flagIPv4
+	}
+	k := endpointKey(ep.IP)
+	v := loader.DatapathEndpointInfo{Ifindex: uint32(ep.Ifindex), PodMac: pod, HostMac: host, Flags: flags}
+	if err := m.endpoints.Put(&k, &v); err != nil {
+		return fmt.Errorf("put endpoint %s: %w", ep.IP, err)
+	}
+	return nil
+}
+
+// Endpoint looks up ip.
+func (m *Maps) Endpoint(ip netip.Addr) (Endpoint, error) {
+	k := endpointKey(ip)
+	var v loader.DatapathEndpointInfo
+	if err := m.endpoints.Lookup(&k, &v); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Endpoint{}, fmt.Errorf("endpoint %s: %w", ip, ErrNotFound)
+		}
+		return Endpoint{}, fmt.Errorf("lookup endpoint %s: %w", ip, err)
+	}
+	return toEndpoint(k, v), nil
+}
+
+func toEndpoint(k loader.DatapathEndpointKey, v loader.DatapathEndpointInfo) Endpoint {
+	return Endpoint{
+		IP:      keyAddr(k),
+		Ifindex: int(v.Ifindex),
+		PodMAC:  net.HardwareAddr(v.PodMac[:]),
+		HostMAC: net.HardwareAddr(v.HostMac[:]),
+	}
+}
+
+// DeleteEndpoint removes ip if it still points at ifindex (any owner when
+// ifindex is 0). A missing entry is success.
+func (m *Maps) DeleteEndpoint(ip netip.Addr, ifindex int) error {
+	ep, err := m.Endpoint(ip)
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if ifindex != 0 && ep.Ifindex != ifindex {
+		return nil // the address belongs to a newer endpoint now
+	}
+	k := endpointKey(ip)
+	if err := m.endpoints.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete endpoint %s: %w", ip, err)
+	}
+	return nil
+}
+
+// Endpoints lists every entry of endpoints_v1.
+func (m *Maps) Endpoints() ([]Endpoint, error) {
+	var (
+		out []Endpoint
+		k   loader.DatapathEndpointKey
+		v   loader.DatapathEndpointInfo
+	)
+	it := m.endpoints.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, toEndpoint(k, v))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("iterate endpoints: %w", err)
+	}
+	return out, nil
+}
+
+// PutDevice records what the pod behind ifindex may send, and zeroes its counters.
+func (m *Maps) PutDevice(ifindex int, d Device) error {
+	pod, err := mac6(d.PodMAC)
+	if err != nil {
+		return err
+	}
+	host, err := mac6(d.HostMAC)
+	if err != nil {
+		return err
+	}
+	v := loader.DatapathDeviceInfo{PodMac: pod, HostMac: host}
+	if d.IPv4.IsValid() {
+		v.Flags |= flagIPv4
+		v.Ipv4 = d.IPv4.As4()
+	}
+	if d.IPv6.IsValid() {
+		v.Flags |= flagIPv6
+		v.Ipv6 = d.IPv6.As16()
+	}
+	key := uint32(ifindex)
+	zero := make([]Stats, ebpf.MustPossibleCPU())
+	if err := m.stats.Put(&key, zero); err != nil {
+		return fmt.Errorf("reset counters of ifindex %d: %w", ifindex, err)
+	}
+	if err := m.devices.Put(&key, &v); err != nil {
+		return fmt.Errorf("put device %d: %w", ifindex, err)
+	}
+	return nil
+}
+
+// Device looks up the host veth ifindex.
+func (m *Maps) Device(ifindex int) (Device, error) {
+	key := uint32(ifindex)
+	var v loader.DatapathDeviceInfo
+	if err := m.devices.Lookup(&key, &v); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Device{}, fmt.Errorf("device %d: %w", ifindex, ErrNotFound)
+		}
+		return Device{}, fmt.Errorf("lookup device %d: %w", ifindex, err)
+	}
+	return toDevice(v), nil
+}
+
+func toDevice(v loader.DatapathDeviceInfo) Device {
+	d := Device{PodMAC: net.HardwareAddr(v.PodMac[:]), HostMAC: net.HardwareAddr(v.HostMac[:])}
+	if v.Flags&flagIPv4 != 0 {
+		d.IPv4 = netip.AddrFrom4(v.Ipv4)
+	}
+	if v.Flags&flagIPv6 != 0 {
+		d.IPv6 = netip.AddrFrom16(v.Ipv6)
+	}
+	return d
+}
+
+// Devices lists every entry of devices_v1 by ifindex.
+func (m *Maps) Devices() (map[int]Device, error) {
+	out := map[int]Device{}
+	var (
+		k uint32
+		v loader.DatapathDeviceInfo
+	)
+	it := m.devices.Iterate()
+	for it.Next(&k, &v) {
+		out[int(k)] = toDevice(v)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("iterate devices: %w", err)
+	}
+	return out, nil
+}
+
+// DeleteDevice removes the device entry and the counters of ifindex.
+func (m *Maps) DeleteDevice(ifindex int) error {
+	key := uint32(ifindex)
+	var errs []error
+	for _, mp := range []*ebpf.Map{m.devices, m.stats} {
+		if err := mp.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, fmt.Errorf("delete ifindex %d from %s: %w", ifindex, mp, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Stats sums the per-CPU counters of the endpoint behind ifindex.
+func (m *Maps) Stats(ifindex int) (Stats, error) {
+	key := uint32(ifindex)
+	var per []Stats
+	if err := m.stats.Lookup(&key, &per); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Stats{}, fmt.Errorf("counters of %d: %w", ifindex, ErrNotFound)
+		}
+		return Stats{}, fmt.Errorf("lookup counters of %d: %w", ifindex, err)
+	}
+	return sum(per), nil
+}
+
+// sum adds every uint64 field across CPUs, so a counter added to
+// struct endpoint_stats is summed without touching this code.
+func sum(per []Stats) Stats {
+	var total Stats
+	tv := reflect.ValueOf(&total).Elem()
+	for i := range per {
+		pv := reflect.ValueOf(per[i])
+		for f := 0; f < tv.NumField(); f++ {
+			if tv.Field(f).Kind() == reflect.Uint64 {
+				tv.Field(f).SetUint(tv.Field(f).Uint() + pv.Field(f).Uint())
+			}
+		}
+	}
+	return total
+}
+
+// Counts returns how many entries each map holds (for STATUS and inspect).
+func (m *Maps) Counts() (endpoints, devices int, err error) {
+	eps, err := m.Endpoints()
+	if err != nil {
+		return 0, 0, err
+	}
+	devs, err := m.Devices()
+	if err != nil {
+		return 0, 0, err
+	}
+	return len(eps), len(devs), nil
+}

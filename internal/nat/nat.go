@@ -1,0 +1,181 @@
+// Package nat owns ebpf-cni's masquerade rules: one nftables table
+// (inet ebpf-cni, chain postrouting) with, per network and pod prefix, the
+// rule `meta nfproto X <family> saddr P <family> daddr != P masquerade`.
+//
+// Rules carry a comment naming their network, so Ensure adds only what is
+// missing (never a duplicate) and Remove deletes only its network's rules,
+// and the table when it is empty. Callers serialise Ensure and Remove of one
+// network with the network lock.
+package nat
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// Table is the name of the nftables table ebpf-cni owns.
+const Table = "ebpf-cni"
+
+const chainName = "postrouting"
+
+var table = &nftables.Table{Name: Table, Family: nftables.TableFamilyINet}
+
+func comment(network string, p netip.Prefix) string {
+	return "ebpf-cni " + network + " " + p.String()
+}
+
+// userdata encodes s as an nftables rule comment (NFTNL_UDATA_RULE_COMMENT),
+// so `nft list ruleset` prints it.
+func userdata(s string) []byte {
+	return append([]byte{0, byte(len(s) + 1)}, append([]byte(s), 0)...)
+}
+
+func commentOf(r *nftables.Rule) string {
+	ud := r.UserData
+	if len(ud) < 2 || ud[0] != 0 || int(ud[1])+2 > len(ud) {
+		return ""
+	}
+	return string(bytes.TrimRight(ud[2:2+int(ud[1])], "\x00"))
+}
+
+func conn() (*nftables.Conn, error) {
+	c, err := nftables.New()
+	if err != nil {
+		return nil, fmt.Errorf("open nftables: %w", err)
+	}
+	return c, nil
+}
+
+// rules lists our postrouting rules; none when the table does not exist.
+func rules(c *nftables.Conn) ([]*nftables.Rule, error) {
+	rs, err := c.GetRules(table, &nftables.Chain{Name: chainName, Table: table})
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENOENT) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("list nftables rules of %s: %w", Table, err)
+	}
+	return rs, nil
+}
+
+// Ensure makes traffic from each prefix to anywhere outside it masqueraded.
+func Ensure(network string, prefixes []netip.Prefix) error {
+	c, err := conn()
+	if err != nil {
+		return err
+	}
+	have := map[string]bool{}
+	existing, err := rules(c)
+	if err != nil {
+		return err
+	}
+	for _, r := range existing {
+		have[commentOf(r)] = true
+	}
+	var missing []netip.Prefix
+	for _, p := range prefixes {
+		if !have[comment(network, p.Masked())] {
+			missing = append(missing, p.Masked())
+		}
+	}
+	if len(missing) == 0 {
+		return nil
+	}
+	c.AddTable(table)
+	ch := c.AddChain(&nftables.Chain{
+		Name:     chainName,
+		Table:    table,
+		Type:     nftables.ChainTypeNAT,
+		Hooknum:  nftables.ChainHookPostrouting,
+		Priority: nftables.ChainPriorityNATSource,
+	})
+	for _, p := range missing {
+		c.AddRule(&nftables.Rule{Table: table, Chain: ch, Exprs: masquerade(p), UserData: userdata(comment(network, p))})
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("add masquerade rules for %s: %w", network, err)
+	}
+	return nil
+}
+
+func masquerade(p netip.Prefix) []expr.Any {
+	proto, addrLen, srcOff := byte(unix.NFPROTO_IPV4), uint32(4), uint32(12)
+	if p.Addr().Is6() {
+		proto, addrLen, srcOff = unix.NFPROTO_IPV6, 16, 8
+	}
+	mask := net.CIDRMask(p.Bits(), p.Addr().BitLen())
+	network := p.Addr().AsSlice()
+	match := func(off uint32, op expr.CmpOp) []expr.Any {
+		return []expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: addrLen},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: addrLen, Mask: mask, Xor: make([]byte, addrLen)},
+			&expr.Cmp{Op: op, Register: 1, Data: network},
+		}
+	}
+	out := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+	}
+	out = append(out, match(srcOff, expr.CmpOpEq)...)
+	out = append(out, match(srcOff+addrLen, expr.CmpOpNeq)...)
+	return append(out, &expr.Masq{})
+}
+
+// Remove deletes the network's rules, and the table once no rule is left.
+func Remove(network string) error {
+	c, err := conn()
+	if err != nil {
+		return err
+	}
+	existing, err := rules(c)
+	if err != nil || len(existing) == 0 {
+		return err
+	}
+	left := 0
+	for _, r := range existing {
+		if strings.HasPrefix(commentOf(r), "ebpf-cni "+network+" ") {
+			if err := c.DelRule(r); err != nil {
+				return fmt.Errorf("delete masquerade rule of %s: %w", network, err)
+			}
+		} else {
+			left++
+		}
+	}
+	if left == 0 {
+		c.DelTable(table)
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("delete masquerade rules of %s: %w", network, err)
+	}
+	return nil
+}
+
+// Prefixes returns the prefixes masqueraded for the network.
+func Prefixes(network string) ([]netip.Prefix, error) {
+	c, err := conn()
+	if err != nil {
+		return nil, err
+	}
+	existing, err := rules(c)
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.Prefix
+	for _, r := range existing {
+		if rest, ok := strings.CutPrefix(commentOf(r), "ebpf-cni "+network+" "); ok {
+			if p, err := netip.ParsePrefix(rest); err == nil {
+				out = append(out, p)
+			}
+		}
+	}
+	return out, nil
+}

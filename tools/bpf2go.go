@@ -1,0 +1,8 @@
+// Package tools holds the go:generate entry that compiles bpf/ with bpf2go.
+//
+// `make generate` (or `go generate ./tools/`) rewrites internal/loader's
+// datapath_bpfel.go and datapath_bpfel.o; both are committed so that
+// `go build` needs no clang.
+package tools
+
+//go:generate go tool bpf2go -go-package loader -output-dir ../internal/loader -target bpfel -type endpoint_key -type endpoint_info -type device_info -type endpoint_stats Datapath ../bpf/datapath.c -- -I/usr/include/x86_64-linux-gnu -I../bpf -O2 -g -Wall -Werror
