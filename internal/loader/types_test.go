@@ -1,0 +1,117 @@
+package loader
+
+import (
+	"encoding/binary"
+	"reflect"
+	"regexp"
+	"testing"
+
+	"github.com/cilium/ebpf/btf"
+)
+
+// TestTypesMatchBTF checks the bpf2go types against the C structs as the
+// embedded object's BTF describes them: same size, no implicit padding on the
+// Go side, and every field at the C member's offset.
+func TestTypesMatchBTF(t *testing.T) {
+	spec, err := LoadDatapath()
+	if err != nil {
+		t.Fatalf("LoadDatapath: %v", err)
+	}
+	tests := []struct {
+		cName string
+		goVal any
+	}{
+		{"endpoint_key", DatapathEndpointKey{}},
+		{"endpoint_info", DatapathEndpointInfo{}},
+		{"device_info", DatapathDeviceInfo{}},
+		{"endpoint_stats", DatapathEndpointStats{}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.cName, func(t *testing.T) {
+			var s *btf.Struct
+			if err := spec.Types.TypeByName(tt.cName, &s); err != nil {
+				t.Fatalf("BTF struct %s: %v", tt.cName, err)
+			}
+			typ := reflect.TypeOf(tt.goVal)
+			if got := typ.Size(); got != uintptr(s.Size) {
+				t.Errorf("unsafe.Sizeof(%s) = %d, C struct %s is %d bytes", typ.Name(), got, tt.cName, s.Size)
+			}
+			if got := binary.Size(tt.goVal); got != int(s.Size) {
+				t.Errorf("binary.Size(%s) = %d, C struct %s is %d bytes", typ.Name(), got, tt.cName, s.Size)
+			}
+
+			var fields []reflect.StructField
+			for i := range typ.NumField() {
+				if f := typ.Field(i); f.Name != "_" {
+					fields = append(fields, f)
+				}
+			}
+			if len(fields) != len(s.Members) {
+				t.Fatalf("%s has %d fields, C struct %s has %d members", typ.Name(), len(fields), tt.cName, len(s.Members))
+			}
+			for i, m := range s.Members {
+				f := fields[i]
+				if m.BitfieldSize != 0 {
+					t.Errorf("%s.%s is a bitfield", tt.cName, m.Name)
+				}
+				if want := uintptr(m.Offset.Bytes()); f.Offset != want {
+					t.Errorf("%s.%s at offset %d, C member %s at %d", typ.Name(), f.Name, f.Offset, m.Name, want)
+				}
+				size, err := btf.Sizeof(m.Type)
+				if err != nil {
+					t.Fatalf("size of %s.%s: %v", tt.cName, m.Name, err)
+				}
+				if f.Type.Size() != uintptr(size) {
+					t.Errorf("%s.%s is %d bytes, C member %s is %d", typ.Name(), f.Name, f.Type.Size(), m.Name, size)
+				}
+			}
+		})
+	}
+}
+
+// TestMapSizes checks each pinned map's key and value size against the Go
+// types that internal/maps writes into it.
+func TestMapSizes(t *testing.T) {
+	spec, err := LoadDatapath()
+	if err != nil {
+		t.Fatalf("LoadDatapath: %v", err)
+	}
+	tests := []struct {
+		name       string
+		key, value any
+	}{
+		{DatapathMapEndpointsV1, DatapathEndpointKey{}, DatapathEndpointInfo{}},
+		{DatapathMapDevicesV1, uint32(0), DatapathDeviceInfo{}},
+		{DatapathMapEpStatsV1, uint32(0), DatapathEndpointStats{}},
+	}
+	if len(spec.Maps) != len(tests) {
+		names := make([]string, 0, len(spec.Maps))
+		for n := range spec.Maps {
+			names = append(names, n)
+		}
+		t.Errorf("object has maps %v, want exactly %d (a new map needs its sizes checked here)", names, len(tests))
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m, ok := spec.Maps[tt.name]
+			if !ok {
+				t.Fatalf("no map %s in the object", tt.name)
+			}
+			if got, want := m.KeySize, reflect.TypeOf(tt.key).Size(); uintptr(got) != want {
+				t.Errorf("KeySize = %d, Go key %T is %d bytes", got, tt.key, want)
+			}
+			if got, want := m.ValueSize, reflect.TypeOf(tt.value).Size(); uintptr(got) != want {
+				t.Errorf("ValueSize = %d, Go value %T is %d bytes", got, tt.value, want)
+			}
+			if m.Key == nil || m.Value == nil {
+				t.Errorf("map %s carries no BTF for key or value", tt.name)
+			}
+		})
+	}
+}
+
+func TestTag(t *testing.T) {
+	if !regexp.MustCompile(`^[0-9a-f]{12}$`).MatchString(Tag) {
+		t.Errorf("Tag = %q, want 12 lowercase hex characters", Tag)
+	}
+}
