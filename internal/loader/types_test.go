@@ -4,8 +4,10 @@ import (
 	"encoding/binary"
 	"reflect"
 	"regexp"
+	"strings"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
 )
 
@@ -51,6 +53,9 @@ func TestTypesMatchBTF(t *testing.T) {
 			}
 			for i, m := range s.Members {
 				f := fields[i]
+				if want := goName(m.Name); f.Name != want {
+					t.Errorf("%s field %d is %s, C member is %s (Go name %s)", typ.Name(), i, f.Name, m.Name, want)
+				}
 				if m.BitfieldSize != 0 {
 					t.Errorf("%s.%s is a bitfield", tt.cName, m.Name)
 				}
@@ -84,12 +89,14 @@ func TestMapSizes(t *testing.T) {
 		{DatapathMapDevicesV1, uint32(0), DatapathDeviceInfo{}},
 		{DatapathMapEpStatsV1, uint32(0), DatapathEndpointStats{}},
 	}
-	if len(spec.Maps) != len(tests) {
-		names := make([]string, 0, len(spec.Maps))
-		for n := range spec.Maps {
-			names = append(names, n)
+	var pinned []string
+	for name, m := range spec.Maps {
+		if m.Pinning == ebpf.PinByName {
+			pinned = append(pinned, name)
 		}
-		t.Errorf("object has maps %v, want exactly %d (a new map needs its sizes checked here)", names, len(tests))
+	}
+	if len(pinned) != len(tests) {
+		t.Errorf("object pins maps %v, want exactly %d (a new pinned map needs its sizes checked here)", pinned, len(tests))
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -103,11 +110,25 @@ func TestMapSizes(t *testing.T) {
 			if got, want := m.ValueSize, reflect.TypeOf(tt.value).Size(); uintptr(got) != want {
 				t.Errorf("ValueSize = %d, Go value %T is %d bytes", got, tt.value, want)
 			}
+			if m.Pinning != ebpf.PinByName {
+				t.Errorf("map %s is not pinned by name", tt.name)
+			}
 			if m.Key == nil || m.Value == nil {
 				t.Errorf("map %s carries no BTF for key or value", tt.name)
 			}
 		})
 	}
+}
+
+// goName is bpf2go's Go name for a C member: pod_mac becomes PodMac.
+func goName(c string) string {
+	var b strings.Builder
+	for part := range strings.SplitSeq(c, "_") {
+		if part != "" {
+			b.WriteString(strings.ToUpper(part[:1]) + part[1:])
+		}
+	}
+	return b.String()
 }
 
 func TestTag(t *testing.T) {
