@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/types"
@@ -115,7 +116,7 @@ func (c *NetConf) validate() error {
 	if c.CNIVersion == "" {
 		return invalid("cniVersion", "missing")
 	}
-	if ok, err := version.GreaterThanOrEqualTo(c.CNIVersion, "0.3.0"); err != nil || !ok {
+	if !slices.Contains(supportedVersions.SupportedVersions(), c.CNIVersion) {
 		return invalid("cniVersion", "%q is not supported (want one of %s)", c.CNIVersion, strings.Join(supportedVersions.SupportedVersions(), ", "))
 	}
 	if c.Name == "" {
@@ -212,6 +213,13 @@ func (c *NetConf) validateIPAM() error {
 		if err != nil {
 			return invalid(fmt.Sprintf("ipam.routes[%d].dst", i), "%q is not a CIDR", r.Dst)
 		}
+		if r.GW != "" {
+			if _, err := netip.ParseAddr(r.GW); err != nil {
+				return invalid(fmt.Sprintf("ipam.routes[%d].gw", i), "%q is not an IP address", r.GW)
+			}
+		}
+		// Pods always route via the link-local gateway; a gw is accepted
+		// for host-local compatibility and not used.
 		c.routes = append(c.routes, p.Masked())
 	}
 	if ic.DataDir == "" {

@@ -148,6 +148,9 @@ func prefixOf(n net.IPNet) (netip.Prefix, bool) {
 		ones = a.BitLen()
 	}
 	if a.Is4() && bits == 128 {
+		if ones < 96 {
+			return netip.Prefix{}, false // an IPv6 mask shorter than ::ffff:0:0/96
+		}
 		ones -= 96
 	}
 	return netip.PrefixFrom(a, ones), true

@@ -263,14 +263,6 @@ func (p *pod) ping(dst netip.Addr) {
 	}
 }
 
-// noPing asserts that dst does not answer from inside p.
-func (p *pod) noPing(dst netip.Addr) {
-	p.n.t.Helper()
-	if out, err := p.run("ping", "-c", "1", "-W", "1", dst.String()); err == nil {
-		p.n.t.Fatalf("ping %s from %s answered, want no answer\n%s", dst, p.ns, out)
-	}
-}
-
 // tcp opens a listener in dst's namespace and exchanges a message from
 // src's namespace; the sockets are created inside the namespaces and used
 // from outside (no goroutine ever runs in a netns).

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs what building, testing and demoing ebpf-cni needs on Debian 12,
+# only when it is missing: Debian packages through apt-get, Go tools through
+# `go install`. Safe to run again; run as root.
+set -euo pipefail
+
+export PATH="/usr/local/go/bin:${HOME:-/root}/go/bin:$PATH"
+
+# command -> Debian package that provides it
+declare -A pkgs=(
+	[clang]=clang
+	[llvm-strip]=llvm
+	[bpftool]=bpftool
+	[ip]=iproute2
+	[tc]=iproute2
+	[nft]=nftables
+	[iptables]=iptables
+	[iperf3]=iperf3
+	[ping]=iputils-ping
+	[unshare]=util-linux
+)
+missing=()
+for cmd in "${!pkgs[@]}"; do
+	command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkgs[$cmd]}")
+done
+[ -f /usr/include/bpf/bpf_helpers.h ] || missing+=(libbpf-dev)
+[ -x /usr/lib/cni/host-local ] || missing+=(containernetworking-plugins)
+
+if [ ${#missing[@]} -gt 0 ]; then
+	mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+	echo "deps: installing ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v go >/dev/null 2>&1; then
+	echo "deps: Go is missing; install Go >= 1.24 (https://go.dev/doc/install)" >&2
+	exit 1
+fi
+
+gobin="$(go env GOPATH)/bin"
+if ! command -v cnitool >/dev/null 2>&1 && [ ! -x "$gobin/cnitool" ]; then
+	echo "deps: go install cnitool"
+	go install github.com/containernetworking/cni/cnitool@v1.3.0
+fi
+if [ "${1:-}" = "--lint" ] && ! command -v staticcheck >/dev/null 2>&1 && [ ! -x "$gobin/staticcheck" ]; then
+	echo "deps: go install staticcheck"
+	go install honnef.co/go/tools/cmd/staticcheck@v0.8.2
+fi
