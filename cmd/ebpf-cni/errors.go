@@ -34,7 +34,7 @@ func toCNI(err error) error {
 		return types.NewError(types.ErrInvalidNetworkConfig, err.Error(), "")
 	case errors.As(err, &dec):
 		return types.NewError(types.ErrDecodingFailure, err.Error(), "")
-	case errors.Is(err, flock.ErrTimeout), errors.Is(err, ipam.ErrLockTimeout):
+	case errors.Is(err, flock.ErrTimeout): // also ipam.ErrLockTimeout
 		return types.NewError(types.ErrTryAgainLater, err.Error(), "another CNI call holds the node lock; try again later")
 	case errors.Is(err, loader.ErrNoBPFFS):
 		return types.NewError(types.ErrTryAgainLater, err.Error(), "bpffs is not mounted; try again later")

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -34,7 +35,9 @@ func Acquire(path string, wait time.Duration) (func(), error) {
 	for {
 		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
 		if err == nil {
-			return func() { f.Close() }, nil // closing the description drops the lock
+			var once sync.Once
+			// Closing the only descriptor of this open file drops the lock.
+			return func() { once.Do(func() { f.Close() }) }, nil
 		}
 		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
 			f.Close()
@@ -42,7 +45,7 @@ func Acquire(path string, wait time.Duration) (func(), error) {
 		}
 		if time.Now().After(deadline) {
 			f.Close()
-			return nil, fmt.Errorf("lock %s after %s: %w", path, wait, ErrTimeout)
+			return nil, fmt.Errorf("lock %s: waited %s: %w", path, wait, ErrTimeout)
 		}
 		time.Sleep(delay)
 		if delay < 20*time.Millisecond {

@@ -10,17 +10,15 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/ebpf-cni/ebpf-cni/internal/flock"
 )
 
 const (
 	lockFile       = "lock"
 	lastFilePrefix = "last_reserved_ip."
 	tempPattern    = ".tmp-*"
-	lockPoll       = 5 * time.Millisecond
 )
 
 // DiskStore keeps reservations in one directory per network, shared by every
@@ -53,46 +51,12 @@ func NewDiskStore(dir string) (*DiskStore, error) {
 // Dir returns the store's directory.
 func (s *DiskStore) Dir() string { return s.dir }
 
-// Lock implements Store with flock(LOCK_EX) on <dir>/lock, polled without
-// blocking until timeout. Each call opens the lock file anew: flock belongs to
-// the open file description, so two Locks conflict whether they come from two
-// processes, two DiskStores or two goroutines sharing one.
+// Lock implements Store with the node's flock on <dir>/lock. Each call opens
+// the lock file anew: flock belongs to the open file description, so two
+// Locks conflict whether they come from two processes, two DiskStores or two
+// goroutines sharing one.
 func (s *DiskStore) Lock(timeout time.Duration) (func(), error) {
-	path := filepath.Join(s.dir, lockFile)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("open ipam lock %s: %w", path, err)
-	}
-	conn, err := f.SyscallConn()
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	deadline := time.Now().Add(timeout)
-	for {
-		var flockErr error
-		if err := conn.Control(func(fd uintptr) {
-			flockErr = unix.Flock(int(fd), unix.LOCK_EX|unix.LOCK_NB)
-		}); err != nil {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, err)
-		}
-		switch {
-		case flockErr == nil:
-			var once sync.Once
-			// Closing the only descriptor of this open file drops the flock.
-			return func() { once.Do(func() { f.Close() }) }, nil
-		case errors.Is(flockErr, unix.EWOULDBLOCK), errors.Is(flockErr, unix.EINTR):
-		default:
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, flockErr)
-		}
-		if !time.Now().Before(deadline) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: waited %s: %w", path, timeout, ErrLockTimeout)
-		}
-		time.Sleep(min(lockPoll, time.Until(deadline)+time.Millisecond))
-	}
+	return flock.Acquire(filepath.Join(s.dir, lockFile), timeout)
 }
 
 func (s *DiskStore) recordPath(ip netip.Addr) string {

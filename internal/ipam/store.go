@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"strings"
 	"time"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/flock"
 )
 
 var (
@@ -14,7 +16,7 @@ var (
 	ErrExhausted = errors.New("no free addresses")
 	// ErrLockTimeout is returned (wrapped) when a Store's lock could not be
 	// taken in time. Another ADD or DEL holds it; try again later.
-	ErrLockTimeout = errors.New("ipam store lock timed out")
+	ErrLockTimeout = flock.ErrTimeout
 	// ErrInvalidOwner is returned when an owner lacks a container ID or an
 	// interface name.
 	ErrInvalidOwner = errors.New("container id and interface name are required")
