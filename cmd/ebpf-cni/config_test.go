@@ -335,7 +335,7 @@ func TestToCNI(t *testing.T) {
 		msg  string // must appear in Msg
 	}{
 		{"flock timeout", fmt.Errorf("lock /run/x after 10s: %w", flock.ErrTimeout), types.ErrTryAgainLater, "lock wait timed out"},
-		{"ipam lock timeout", fmt.Errorf("allocate address: %w", ipam.ErrLockTimeout), types.ErrTryAgainLater, "ipam store lock timed out"},
+		{"ipam lock timeout", fmt.Errorf("allocate address: %w", ipam.ErrLockTimeout), types.ErrTryAgainLater, "lock wait timed out"},
 		{"no bpffs", fmt.Errorf("load datapath: %w", loader.ErrNoBPFFS), types.ErrTryAgainLater, "bpffs"},
 		{"netns", fmt.Errorf("%w /proc/1/ns/x: %w", veth.ErrNetNS, errors.New("no such file")), types.ErrInvalidNetNS, "CNI_NETNS"},
 		{"interface exists", fmt.Errorf("eth0: %w", veth.ErrIfExists), types.ErrInvalidEnvironmentVariables, "CNI_IFNAME"},

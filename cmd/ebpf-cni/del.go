@@ -8,7 +8,7 @@ import (
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
-	"github.com/containernetworking/plugins/pkg/netlinksafe"
+	"github.com/vishvananda/netlink"
 
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 	"github.com/ebpf-cni/ebpf-cni/internal/maps"
@@ -83,8 +83,7 @@ func teardown(conf *NetConf, containerID, ifname string, extra []netip.Addr, rel
 	}
 	defer unlock()
 	errs = append(errs, removeState(conf.StateDir, conf.Name, containerID, ifname))
-	left, err := listStates(conf.StateDir, conf.Name)
-	if err == nil && len(left) == 0 {
+	if left, err := hasStates(conf.StateDir, conf.Name); err == nil && !left {
 		errs = append(errs, nat.Remove(conf.Name))
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -102,15 +101,13 @@ func reserved(conf *NetConf, containerID, ifname string) []netip.Addr {
 	if err != nil {
 		return nil
 	}
-	recs, err := alloc.Records()
+	recs, err := alloc.Owned(containerID, ifname)
 	if err != nil {
 		return nil
 	}
-	var out []netip.Addr
-	for _, r := range recs {
-		if r.ContainerID == containerID && r.IfName == ifname {
-			out = append(out, r.IP)
-		}
+	out := make([]netip.Addr, len(recs))
+	for i, r := range recs {
+		out[i] = r.IP
 	}
 	return out
 }
@@ -120,14 +117,8 @@ func ifindexTaken(idx int) bool {
 	if idx <= 0 {
 		return false
 	}
-	links, err := netlinksafe.LinkList()
-	if err != nil {
-		return true // cannot tell: do not touch entries keyed by it
-	}
-	for _, l := range links {
-		if l.Attrs().Index == idx {
-			return true
-		}
-	}
-	return false
+	_, err := netlink.LinkByIndex(idx)
+	var nf netlink.LinkNotFoundError
+	// Anything but "not found" means we cannot tell: leave entries keyed by it.
+	return !errors.As(err, &nf)
 }

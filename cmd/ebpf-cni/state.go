@@ -146,3 +146,27 @@ func listStates(stateDir, network string) ([]*endpointState, error) {
 	}
 	return out, nil
 }
+
+// hasStates reports whether the network has any endpoint record, reading
+// the directory only until the first one.
+func hasStates(stateDir, network string) (bool, error) {
+	d, err := os.Open(endpointsDir(stateDir, network))
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("list endpoint states: %w", err)
+	}
+	defer d.Close()
+	for {
+		names, err := d.Readdirnames(16)
+		for _, n := range names {
+			if strings.HasSuffix(n, ".json") && !strings.HasPrefix(n, ".") {
+				return true, nil
+			}
+		}
+		if err != nil {
+			return false, nil // io.EOF: none
+		}
+	}
+}

@@ -51,18 +51,17 @@ func (a *Allocator) Allocate(owner Owner, timeout time.Duration) (recs []Record,
 	}
 	defer unlock()
 
-	all, err := a.store.List()
+	owned, err := a.store.Owned(owner.ContainerID, owner.IfName)
 	if err != nil {
 		return nil, fmt.Errorf("allocate for %s/%s: %w", owner.ContainerID, owner.IfName, err)
 	}
-	used := make(map[netip.Addr]bool, len(all))
+	// No scan of every reservation: Reserve refuses a taken address, and
+	// round-robin makes the next one after the last reserved almost always free.
+	used := map[netip.Addr]bool{}
 	out := make([]Record, len(a.sets))
 	have := make([]bool, len(a.sets))
-	for _, rec := range all {
+	for _, rec := range owned {
 		used[rec.IP] = true
-		if rec.ContainerID != owner.ContainerID || rec.IfName != owner.IfName {
-			continue
-		}
 		for i, set := range a.sets {
 			if !have[i] && set.Contains(rec.IP) {
 				out[i], have[i] = rec, true
@@ -102,8 +101,8 @@ func (a *Allocator) Allocate(owner Owner, timeout time.Duration) (recs []Record,
 	return out, nil
 }
 
-// reserve takes the next free address of set i for owner. used holds every
-// address known to be reserved; the store has the last word.
+// reserve takes the next free address of set i for owner. used holds
+// addresses known to be reserved; the store's Reserve has the last word.
 func (a *Allocator) reserve(i int, set RangeSet, owner Owner, used map[netip.Addr]bool) (Record, error) {
 	id := strconv.Itoa(i)
 	last, err := a.store.LastReserved(id)
@@ -202,4 +201,9 @@ func (a *Allocator) ReleaseIP(ip netip.Addr, timeout time.Duration) error {
 	}
 	defer unlock()
 	return a.store.Release(ip)
+}
+
+// Owned lists the reservations of one attachment without a lock.
+func (a *Allocator) Owned(containerID, ifName string) ([]Record, error) {
+	return a.store.Owned(containerID, ifName)
 }

@@ -1,6 +1,8 @@
 package ipam
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -19,6 +21,7 @@ const (
 	lockFile       = "lock"
 	lastFilePrefix = "last_reserved_ip."
 	tempPattern    = ".tmp-*"
+	ownersDir      = "owners"
 )
 
 // DiskStore keeps reservations in one directory per network, shared by every
@@ -27,6 +30,8 @@ const (
 //	<dir>/lock                     flocked by Lock
 //	<dir>/<ip>                     one JSON Record per reserved IP
 //	<dir>/last_reserved_ip.<id>    last IP reserved for range set <id>
+//	<dir>/owners/<hash>            the IPs of one (containerID, ifName), so
+//	                               ADD and DEL never read every record
 //	<dir>/.tmp-*                   temp files; leftovers of a crash are ignored
 //
 // Record files are written in full to a temp file, fsynced, and hard-linked
@@ -72,6 +77,10 @@ func (s *DiskStore) Reserve(rec Record, rangeID string) (bool, error) {
 	if err := checkReserve(rec, rangeID); err != nil {
 		return false, fmt.Errorf("reserve: %w", err)
 	}
+	path := s.recordPath(rec.IP)
+	if _, err := os.Lstat(path); err == nil {
+		return false, nil // taken: skip writing a record that cannot be linked
+	}
 	data, err := json.Marshal(rec)
 	if err != nil {
 		return false, fmt.Errorf("reserve %s: encode record: %w", rec.IP, err)
@@ -82,7 +91,6 @@ func (s *DiskStore) Reserve(rec Record, rangeID string) (bool, error) {
 	}
 	defer os.Remove(tmp)
 
-	path := s.recordPath(rec.IP)
 	// link(2) fails on an existing name: the reservation is exclusive even
 	// for a caller that forgot the lock.
 	if err := os.Link(tmp, path); err != nil {
@@ -91,13 +99,21 @@ func (s *DiskStore) Reserve(rec Record, rangeID string) (bool, error) {
 		}
 		return false, fmt.Errorf("reserve %s: %w", rec.IP, err)
 	}
-	if err := s.writeFile(s.lastPath(rangeID), []byte(rec.IP.String()+"\n")); err != nil {
+	idx, err := s.readOwner(rec.ContainerID, rec.IfName)
+	if err == nil {
+		idx.IPs = append(slices.DeleteFunc(idx.IPs, func(a netip.Addr) bool { return a == rec.IP }), rec.IP)
+		err = s.writeOwner(idx)
+	}
+	if err == nil {
+		err = s.writeFile(s.lastPath(rangeID), []byte(rec.IP.String()+"\n"))
+	}
+	if err != nil {
 		// Without bookkeeping the reservation would still be valid, but the
 		// caller is told it failed, so it must not stay behind.
 		if rmErr := os.Remove(path); rmErr != nil && !errors.Is(rmErr, fs.ErrNotExist) {
 			err = errors.Join(err, fmt.Errorf("undo reservation: %w", rmErr))
 		}
-		return false, fmt.Errorf("reserve %s: record last reserved ip: %w", rec.IP, err)
+		return false, fmt.Errorf("reserve %s: bookkeeping: %w", rec.IP, err)
 	}
 	if err := s.syncDir(); err != nil {
 		return false, fmt.Errorf("reserve %s: %w", rec.IP, err)
@@ -173,21 +189,105 @@ func (s *DiskStore) LastReserved(rangeID string) (netip.Addr, error) {
 	return ip, nil
 }
 
-// ReleaseOwner implements Store.
+// ownerIndex is the content of an owners/ file.
+type ownerIndex struct {
+	ContainerID string       `json:"containerID"`
+	IfName      string       `json:"ifName"`
+	IPs         []netip.Addr `json:"ips"`
+}
+
+func (s *DiskStore) ownerPath(containerID, ifName string) string {
+	sum := sha256.Sum256([]byte(containerID + "\x00" + ifName))
+	return filepath.Join(s.dir, ownersDir, hex.EncodeToString(sum[:16]))
+}
+
+func (s *DiskStore) readOwner(containerID, ifName string) (ownerIndex, error) {
+	idx := ownerIndex{ContainerID: containerID, IfName: ifName}
+	data, err := os.ReadFile(s.ownerPath(containerID, ifName))
+	if errors.Is(err, fs.ErrNotExist) {
+		return idx, nil
+	}
+	if err != nil {
+		return idx, fmt.Errorf("read owner index: %w", err)
+	}
+	if err := json.Unmarshal(data, &idx); err != nil {
+		return idx, fmt.Errorf("decode owner index %s: %w", s.ownerPath(containerID, ifName), err)
+	}
+	return idx, nil
+}
+
+// writeOwner stores idx, or removes its file when it holds no IP.
+func (s *DiskStore) writeOwner(idx ownerIndex) error {
+	path := s.ownerPath(idx.ContainerID, idx.IfName)
+	if len(idx.IPs) == 0 {
+		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove owner index: %w", err)
+		}
+		return nil
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return fmt.Errorf("create owner index dir: %w", err)
+	}
+	data, err := json.Marshal(idx)
+	if err != nil {
+		return fmt.Errorf("encode owner index: %w", err)
+	}
+	return s.writeFile(path, data)
+}
+
+// readRecord returns the record of ip; ok is false when there is none.
+func (s *DiskStore) readRecord(ip netip.Addr) (Record, bool, error) {
+	data, err := os.ReadFile(s.recordPath(ip))
+	if errors.Is(err, fs.ErrNotExist) {
+		return Record{}, false, nil
+	}
+	if err != nil {
+		return Record{}, false, err
+	}
+	var rec Record
+	if err := json.Unmarshal(data, &rec); err != nil {
+		return Record{}, false, fmt.Errorf("decode %s: %w", s.recordPath(ip), err)
+	}
+	return rec, true, nil
+}
+
+// Owned implements Store through the owner index.
+func (s *DiskStore) Owned(containerID, ifName string) ([]Record, error) {
+	idx, err := s.readOwner(containerID, ifName)
+	if err != nil {
+		return nil, err
+	}
+	out := []Record{}
+	for _, ip := range idx.IPs {
+		rec, ok, err := s.readRecord(ip)
+		if err != nil {
+			return nil, fmt.Errorf("owned by %s/%s: %w", containerID, ifName, err)
+		}
+		if ok && rec.ContainerID == containerID && rec.IfName == ifName {
+			out = append(out, rec)
+		}
+	}
+	slices.SortFunc(out, func(a, b Record) int { return a.IP.Compare(b.IP) })
+	return out, nil
+}
+
+// ReleaseOwner implements Store. Reservations whose owner index was lost
+// (a crash between the record and the index) are left to GC, which lists
+// every record.
 func (s *DiskStore) ReleaseOwner(containerID, ifName string) ([]Record, error) {
-	all, err := s.List()
+	owned, err := s.Owned(containerID, ifName)
 	if err != nil {
 		return nil, fmt.Errorf("release %s/%s: %w", containerID, ifName, err)
 	}
 	removed := []Record{}
-	for _, rec := range all {
-		if rec.ContainerID != containerID || rec.IfName != ifName {
-			continue
-		}
+	for _, rec := range owned {
 		if err := s.remove(rec.IP); err != nil {
 			return removed, fmt.Errorf("release %s/%s: %w", containerID, ifName, err)
 		}
 		removed = append(removed, rec)
+	}
+	if err := s.writeOwner(ownerIndex{ContainerID: containerID, IfName: ifName}); err != nil {
+		return removed, fmt.Errorf("release %s/%s: %w", containerID, ifName, err)
 	}
 	if len(removed) > 0 {
 		if err := s.syncDir(); err != nil {
@@ -202,8 +302,22 @@ func (s *DiskStore) Release(ip netip.Addr) error {
 	if !ip.IsValid() || ip.Zone() != "" {
 		return fmt.Errorf("release %s: %w", ip, ErrInvalidRecord)
 	}
+	rec, ok, err := s.readRecord(ip)
+	if err != nil {
+		return fmt.Errorf("release %s: %w", ip, err)
+	}
 	if err := s.remove(ip); err != nil {
 		return fmt.Errorf("release %s: %w", ip, err)
+	}
+	if ok {
+		idx, err := s.readOwner(rec.ContainerID, rec.IfName)
+		if err != nil {
+			return fmt.Errorf("release %s: %w", ip, err)
+		}
+		idx.IPs = slices.DeleteFunc(idx.IPs, func(a netip.Addr) bool { return a == ip })
+		if err := s.writeOwner(idx); err != nil {
+			return fmt.Errorf("release %s: %w", ip, err)
+		}
 	}
 	if err := s.syncDir(); err != nil {
 		return fmt.Errorf("release %s: %w", ip, err)

@@ -106,3 +106,15 @@ func (m *MemStore) Release(ip netip.Addr) error {
 	delete(m.recs, ip)
 	return nil
 }
+
+// Owned implements Store.
+func (m *MemStore) Owned(containerID, ifName string) ([]Record, error) {
+	all, _ := m.List()
+	out := []Record{}
+	for _, rec := range all {
+		if rec.ContainerID == containerID && rec.IfName == ifName {
+			out = append(out, rec)
+		}
+	}
+	return out, nil
+}

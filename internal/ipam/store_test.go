@@ -254,7 +254,7 @@ func TestDiskStoreFiles(t *testing.T) {
 	for _, e := range entries {
 		names = append(names, e.Name())
 	}
-	if want := []string{"fd00::a", "last_reserved_ip.1", "lock"}; !slices.Equal(names, want) {
+	if want := []string{"fd00::a", "last_reserved_ip.1", "lock", "owners"}; !slices.Equal(names, want) {
 		t.Errorf("dir holds %v, want %v", names, want)
 	}
 }
@@ -405,5 +405,47 @@ func TestDiskStoreAllocateIPv6(t *testing.T) {
 	}
 	if f, err := a.Free(); err != nil || f[0] != 254-2 {
 		t.Errorf("Free = %v, %v; want [252]", f, err)
+	}
+}
+
+// The owner index lets Allocate and ReleaseOwner work without reading every
+// record; GC's Release keeps it in step.
+func TestDiskStoreOwnerIndex(t *testing.T) {
+	dir := t.TempDir()
+	s, err := NewDiskStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("fd00::2")
+	for _, ip := range []netip.Addr{a, b} {
+		if ok, err := s.Reserve(Record{IP: ip, ContainerID: "c1", IfName: "eth0"}, "0"); !ok || err != nil {
+			t.Fatalf("Reserve %s: %v %v", ip, ok, err)
+		}
+	}
+	if ok, err := s.Reserve(Record{IP: netip.MustParseAddr("10.0.0.3"), ContainerID: "c2", IfName: "eth0"}, "0"); !ok || err != nil {
+		t.Fatal(ok, err)
+	}
+	owned, err := s.Owned("c1", "eth0")
+	if err != nil || len(owned) != 2 || owned[0].IP != a || owned[1].IP != b {
+		t.Fatalf("Owned(c1) = %v, %v; want %s and %s", owned, err, a, b)
+	}
+	// A second store instance (another process) sees the same index.
+	s2, _ := NewDiskStore(dir)
+	if err := s2.Release(a); err != nil {
+		t.Fatal(err)
+	}
+	owned, _ = s.Owned("c1", "eth0")
+	if len(owned) != 1 || owned[0].IP != b {
+		t.Fatalf("after Release(%s), Owned(c1) = %v", a, owned)
+	}
+	removed, err := s.ReleaseOwner("c1", "eth0")
+	if err != nil || len(removed) != 1 || removed[0].IP != b {
+		t.Fatalf("ReleaseOwner(c1) = %v, %v", removed, err)
+	}
+	if left, _ := os.ReadDir(filepath.Join(dir, "owners")); len(left) != 1 {
+		t.Errorf("owners/ holds %d files, want only c2's", len(left))
+	}
+	if owned, _ := s.Owned("c2", "eth0"); len(owned) != 1 {
+		t.Errorf("c2 lost its reservation: %v", owned)
 	}
 }
