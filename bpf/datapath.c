@@ -4,19 +4,23 @@
  * tc programs on the host side of every pod veth.
  *
  * from_pod (ingress of the host veth, i.e. frames the pod sent):
- *   anti-spoofing on source MAC and source IP, then a lookup of the
- *   destination IP in endpoints_v1; a local pod is reached by rewriting the
- *   MACs and bpf_redirect_peer() straight into its namespace, so same-node
- *   traffic never crosses a bridge or the host's forwarding path. Anything
- *   else continues to the host stack.
- * to_pod (egress of the host veth): counts what the host stack delivers.
+ *   anti-spoofing on source MAC and source IP (only IPv4, IPv6 and ARP get
+ *   through at all), then a lookup of the destination IP in endpoints_v1; a
+ *   local pod is reached by rewriting the MACs and bpf_redirect_peer()
+ *   straight into its namespace, so same-node traffic never crosses a bridge
+ *   or the host's forwarding path. Anything else, and replies of flows the
+ *   host stack delivered (host_flows_v1), continue to the host stack.
+ * to_pod (egress of the host veth): counts what the host stack delivers and
+ *   remembers flows from local pods it delivered (NATed Service traffic).
  *
  * "Pass" is TC_ACT_UNSPEC (TCX_NEXT): programs attached after ours still run.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+#include <linux/tcp.h>
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_endian.h>
 
@@ -42,12 +46,17 @@ const struct endpoint_key *unused_endpoint_key __attribute__((unused));
 const struct endpoint_info *unused_endpoint_info __attribute__((unused));
 const struct device_info *unused_device_info __attribute__((unused));
 const struct endpoint_stats *unused_endpoint_stats __attribute__((unused));
+const struct flow_key *unused_flow_key __attribute__((unused));
+const struct flow_info *unused_flow_info __attribute__((unused));
 
 enum drop_reason {
 	DROP_SPOOFED_MAC,
 	DROP_SPOOFED_IP,
 	DROP_MALFORMED,
+	DROP_PROTOCOL,
 };
+
+#define IP_FRAG_OFFSET 0x1fff
 
 static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
 {
@@ -94,29 +103,123 @@ static __always_inline int drop(struct endpoint_stats *st, enum drop_reason why)
 		case DROP_MALFORMED:
 			st->drop_malformed++;
 			break;
+		case DROP_PROTOCOL:
+			st->drop_protocol++;
+			break;
 		}
 	}
 	return TC_ACT_SHOT;
 }
 
-/* Sends the frame into the namespace of the pod that owns key, if that pod
- * lives on this node. Returns TC_ACT_UNSPEC when it does not. */
-static __always_inline int redirect_local(struct __sk_buff *skb, struct endpoint_key *key,
+/* Fills the ports of a flow key from the L4 header at l4 (TCP and UDP;
+ * other protocols keep ports 0). Returns the TCP flags byte, 0 otherwise. */
+static __always_inline __u8 l4_ports(struct flow_key *fk, void *l4, void *data_end)
+{
+	if (fk->proto == IPPROTO_TCP) {
+		struct tcphdr *th = l4;
+
+		if ((void *)(th + 1) > data_end)
+			return 0;
+		fk->sport = th->source;
+		fk->dport = th->dest;
+		return ((__u8 *)th)[13];
+	}
+	if (fk->proto == IPPROTO_UDP) {
+		__be16 *ports = l4;
+
+		if ((void *)(ports + 2) > data_end)
+			return 0;
+		fk->sport = ports[0];
+		fk->dport = ports[1];
+	}
+	return 0;
+}
+
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
+
+/* Parses the IP header at l3 into a flow key (addresses, protocol, ports).
+ * Returns -1 when the header is truncated, else the TCP flags (0 if none). */
+static __always_inline int parse_flow(__be16 proto, void *l3, void *data_end, struct flow_key *fk)
+{
+	if (proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = l3;
+
+		if ((void *)(ip + 1) > data_end)
+			return -1;
+		fk->family = EP_FAMILY_IPV4;
+		__builtin_memcpy(fk->saddr, &ip->saddr, 4);
+		__builtin_memcpy(fk->daddr, &ip->daddr, 4);
+		fk->proto = ip->protocol;
+		if (ip->frag_off & bpf_htons(IP_FRAG_OFFSET))
+			return 0; /* not the first fragment: no L4 header */
+		return l4_ports(fk, (void *)ip + ip->ihl * 4, data_end);
+	}
+	if (proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = l3;
+
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		fk->family = EP_FAMILY_IPV6;
+		__builtin_memcpy(fk->saddr, ip6->saddr.in6_u.u6_addr8, 16);
+		__builtin_memcpy(fk->daddr, ip6->daddr.in6_u.u6_addr8, 16);
+		fk->proto = ip6->nexthdr;
+		return l4_ports(fk, ip6 + 1, data_end);
+	}
+	return -1;
+}
+
+static __always_inline void reverse(struct flow_key *out, const struct flow_key *in)
+{
+	__builtin_memcpy(out->saddr, in->daddr, 16);
+	__builtin_memcpy(out->daddr, in->saddr, 16);
+	out->sport = in->dport;
+	out->dport = in->sport;
+	out->proto = in->proto;
+	out->family = in->family;
+}
+
+/* Sends the frame into the namespace of the pod that owns the destination,
+ * if that pod lives on this node and the flow is not one the host stack
+ * must see. Returns TC_ACT_UNSPEC when the host stack should take it. */
+static __always_inline int redirect_local(struct __sk_buff *skb, __be16 proto, void *l3,
 					  struct endpoint_stats *st)
 {
-	struct endpoint_info *ep = bpf_map_lookup_elem(&endpoints_v1, key);
-	void *data, *data_end;
-	struct ethhdr *eth;
+	void *data_end = (void *)(long)skb->data_end;
+	struct endpoint_key key = {};
+	struct flow_key fk = {};
+	struct endpoint_info *ep;
 	struct endpoint_stats *dst;
+	struct ethhdr *eth;
 	__u32 ifindex;
+	int flags;
 
+	flags = parse_flow(proto, l3, data_end, &fk);
+	if (flags < 0)
+		return TC_ACT_UNSPEC;
+	key.family = fk.family;
+	__builtin_memcpy(key.addr, fk.daddr, 16);
+	ep = bpf_map_lookup_elem(&endpoints_v1, &key);
 	if (!ep)
 		return TC_ACT_UNSPEC;
-	ifindex = ep->ifindex;
 
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
+	if (bpf_map_lookup_elem(&host_flows_v1, &fk)) {
+		/* A reply of a flow the host delivered (NAT): back through it. */
+		if (st)
+			st->host_path_packets++;
+		return TC_ACT_UNSPEC;
+	}
+	if ((flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+		/* A new direct connection: forget a host-path flow that had the
+		 * same ports, or its replies would go the wrong way. */
+		struct flow_key rev = {};
+
+		reverse(&rev, &fk);
+		bpf_map_delete_elem(&host_flows_v1, &rev);
+	}
+
+	ifindex = ep->ifindex;
+	eth = (void *)(long)skb->data;
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_UNSPEC;
 	mac_copy(eth->h_dest, ep->pod_mac);
@@ -139,17 +242,15 @@ int from_pod(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct endpoint_key key = {};
 	struct endpoint_stats *st;
 	struct device_info *dev;
 	struct ethhdr *eth = data;
 	__u32 ifindex = skb->ifindex;
 
+	st = bpf_map_lookup_elem(&ep_stats_v1, &ifindex);
 	dev = bpf_map_lookup_elem(&devices_v1, &ifindex);
 	if (!dev)
-		return TC_ACT_UNSPEC; /* not an endpoint of ours (yet) */
-
-	st = bpf_map_lookup_elem(&ep_stats_v1, &ifindex);
+		return TC_ACT_SHOT; /* ours is only ever attached to endpoints: fail closed */
 	if (st) {
 		st->from_pod_packets++;
 		st->from_pod_bytes += skb->len;
@@ -159,6 +260,8 @@ int from_pod(struct __sk_buff *skb)
 		return drop(st, DROP_MALFORMED);
 	if (!mac_equal(eth->h_source, dev->pod_mac))
 		return drop(st, DROP_SPOOFED_MAC);
+	if (skb->vlan_present)
+		return drop(st, DROP_PROTOCOL); /* a tag the kernel already took off */
 
 	switch (eth->h_proto) {
 	case bpf_htons(ETH_P_IP): {
@@ -170,9 +273,7 @@ int from_pod(struct __sk_buff *skb)
 		__builtin_memcpy(&want, dev->ipv4, 4);
 		if (!(dev->flags & EP_FLAG_IPV4) || ip->saddr != want)
 			return drop(st, DROP_SPOOFED_IP);
-		key.family = EP_FAMILY_IPV4;
-		__builtin_memcpy(key.addr, &ip->daddr, 4);
-		return redirect_local(skb, &key, st);
+		return redirect_local(skb, eth->h_proto, ip, st);
 	}
 	case bpf_htons(ETH_P_IPV6): {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
@@ -183,9 +284,7 @@ int from_pod(struct __sk_buff *skb)
 			return TC_ACT_UNSPEC;
 		if (!(dev->flags & EP_FLAG_IPV6) || !ipv6_equal(&ip6->saddr, dev->ipv6))
 			return drop(st, DROP_SPOOFED_IP);
-		key.family = EP_FAMILY_IPV6;
-		__builtin_memcpy(key.addr, ip6->daddr.in6_u.u6_addr8, 16);
-		return redirect_local(skb, &key, st);
+		return redirect_local(skb, eth->h_proto, ip6, st);
 	}
 	case bpf_htons(ETH_P_ARP): {
 		struct arp_eth_ipv4 *body = (void *)(eth + 1);
@@ -203,18 +302,41 @@ int from_pod(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	}
 	}
-	return TC_ACT_UNSPEC;
+	/* VLAN-tagged (a second tag would be stripped after tc, unchecked),
+	 * and everything else a pod has no business sending. */
+	return drop(st, DROP_PROTOCOL);
 }
 
 SEC("tc")
 int to_pod(struct __sk_buff *skb)
 {
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
 	__u32 ifindex = skb->ifindex;
 	struct endpoint_stats *st = bpf_map_lookup_elem(&ep_stats_v1, &ifindex);
+	struct ethhdr *eth = data;
+	struct endpoint_key key = {};
+	struct flow_key fk = {};
 
 	if (st) {
 		st->to_pod_packets++;
 		st->to_pod_bytes += skb->len;
+	}
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_UNSPEC;
+	if (parse_flow(eth->h_proto, eth + 1, data_end, &fk) < 0)
+		return TC_ACT_UNSPEC;
+	/* From a local pod, yet delivered by the host stack rather than
+	 * redirected: the host rewrote the flow (a Service). Its replies must
+	 * take the host path back. */
+	key.family = fk.family;
+	__builtin_memcpy(key.addr, fk.saddr, 16);
+	if (bpf_map_lookup_elem(&endpoints_v1, &key)) {
+		struct flow_key rev = {};
+		struct flow_info fi = {.seen_ns = bpf_ktime_get_ns()};
+
+		reverse(&rev, &fk);
+		bpf_map_update_elem(&host_flows_v1, &rev, &fi, BPF_ANY);
 	}
 	return TC_ACT_UNSPEC;
 }

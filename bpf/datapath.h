@@ -53,11 +53,35 @@ struct endpoint_stats {
 	__u64 drop_spoofed_mac;  /* source MAC is not the pod's */
 	__u64 drop_spoofed_ip;   /* source IP (or ARP sender IP) is not the pod's */
 	__u64 drop_malformed;    /* truncated IPv4/IPv6/ARP header */
+	__u64 drop_protocol;     /* neither IPv4, IPv6 nor ARP (VLAN tags included) */
+	__u64 host_path_packets; /* to a local pod, sent through the host for a NATed flow */
+};
+
+/*
+ * Key of host_flows_v1: a flow, as the reply packets a pod sends will show
+ * it. A flow first delivered to a pod by the host stack (for example after
+ * kube-proxy's DNAT of a Service address) must have its replies go back
+ * through the host stack too, so conntrack can undo the NAT; to_pod records
+ * the reply direction here, from_pod sends matching packets to the host
+ * instead of redirecting them. IPv4 uses the first 4 bytes of the addresses.
+ */
+struct flow_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 pad[2];
+};
+
+struct flow_info {
+	__u64 seen_ns; /* bpf_ktime_get_ns() when the host delivered the flow */
 };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 16384);
 	__type(key, struct endpoint_key);
 	__type(value, struct endpoint_info);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -65,7 +89,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 16384);
 	__type(key, __u32);
 	__type(value, struct device_info);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -73,8 +97,16 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 16384);
 	__type(key, __u32);
 	__type(value, struct endpoint_stats);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ep_stats_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct flow_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} host_flows_v1 SEC(".maps");

@@ -5,4 +5,4 @@
 // `go build` needs no clang.
 package tools
 
-//go:generate go tool bpf2go -go-package loader -output-dir ../internal/loader -target bpfel -type endpoint_key -type endpoint_info -type device_info -type endpoint_stats Datapath ../bpf/datapath.c -- -I/usr/include/x86_64-linux-gnu -I../bpf -O2 -g -Wall -Werror
+//go:generate go tool bpf2go -go-package loader -output-dir ../internal/loader -target bpfel -type endpoint_key -type endpoint_info -type device_info -type endpoint_stats -type flow_key -type flow_info Datapath ../bpf/datapath.c -- -I/usr/include/x86_64-linux-gnu -I../bpf -O2 -g -Wall -Werror

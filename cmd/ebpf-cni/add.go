@@ -54,7 +54,9 @@ func cmdAdd(args *skel.CmdArgs) (_ types.Result, retErr error) {
 	}
 	defer func() {
 		if retErr != nil {
-			ipamDel(conf, args)
+			if err := ipamDel(conf, args); err != nil {
+				retErr = errors.Join(retErr, fmt.Errorf("undo: %w", err))
+			}
 		}
 	}()
 
@@ -95,7 +97,7 @@ func cmdAdd(args *skel.CmdArgs) (_ types.Result, retErr error) {
 	}
 	defer func() {
 		if retErr != nil {
-			m.DeleteDevice(host.Index)
+			m.DeleteDevice(host.Index, podMAC)
 		}
 	}()
 	mode, err := progs.Attach(host.Index, host.Name, loader.Mode(conf.Attach))
@@ -113,7 +115,7 @@ func cmdAdd(args *skel.CmdArgs) (_ types.Result, retErr error) {
 		}
 		defer func() {
 			if retErr != nil {
-				m.DeleteEndpoint(a, host.Index)
+				m.DeleteEndpoint(a, podMAC)
 			}
 		}()
 	}
@@ -130,7 +132,7 @@ func cmdAdd(args *skel.CmdArgs) (_ types.Result, retErr error) {
 		ContainerID: args.ContainerID, IfName: args.IfName, NetNS: args.Netns,
 		HostVeth: host.Name, HostIndex: host.Index,
 		PodMAC: podMAC.String(), HostMAC: hostMAC.String(),
-		IPs: l.ips, PodNamespace: pa.Namespace, PodName: pa.Name,
+		IPs: l.ips, MTU: mtu, PodNamespace: pa.Namespace, PodName: pa.Name,
 		Attach: string(mode), IPAM: ipamName(conf),
 	}
 	if err := writeState(conf.StateDir, conf.Name, st); err != nil {
@@ -150,7 +152,7 @@ func cmdAdd(args *skel.CmdArgs) (_ types.Result, retErr error) {
 			return nil, err
 		}
 	}
-	return buildResult(conf, host, pod, addrs, l.routes)
+	return buildResult(conf, host, pod, mtu, addrs, l.routes)
 }
 
 func ipamName(c *NetConf) string {
@@ -160,16 +162,26 @@ func ipamName(c *NetConf) string {
 	return c.IPAMConf.Type
 }
 
-func buildResult(conf *NetConf, host, pod veth.Link, addrs []netip.Addr, routes []netip.Prefix) (types.Result, error) {
-	res := &current.Result{
-		CNIVersion: current.ImplementedSpecVersion,
-		Interfaces: []*current.Interface{
-			{Name: host.Name, Mac: host.MAC.String()},
-			{Name: pod.Name, Mac: pod.MAC.String(), Sandbox: pod.Sandbox},
-		},
-		DNS: conf.DNS,
+// buildResult extends prevResult (when a plugin ran before us) with the host
+// veth, the pod interface, the pod's addresses and routes.
+func buildResult(conf *NetConf, host, pod veth.Link, mtu int, addrs []netip.Addr, routes []netip.Prefix) (types.Result, error) {
+	res := &current.Result{CNIVersion: current.ImplementedSpecVersion, DNS: conf.DNS}
+	if conf.PrevResult != nil {
+		prev, err := current.NewResultFromResult(conf.PrevResult)
+		if err != nil {
+			return nil, &decodeError{fmt.Errorf("prevResult: %w", err)}
+		}
+		res = prev
+		res.CNIVersion = current.ImplementedSpecVersion
+		if res.DNS.IsEmpty() {
+			res.DNS = conf.DNS
+		}
 	}
-	podIdx := 1
+	res.Interfaces = append(res.Interfaces,
+		&current.Interface{Name: host.Name, Mac: host.MAC.String(), Mtu: mtu},
+		&current.Interface{Name: pod.Name, Mac: pod.MAC.String(), Mtu: mtu, Sandbox: pod.Sandbox},
+	)
+	podIdx := len(res.Interfaces) - 1
 	for _, a := range addrs {
 		gw := veth.GatewayV6
 		if a.Is4() {

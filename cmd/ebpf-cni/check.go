@@ -73,7 +73,7 @@ func cmdCheck(args *skel.CmdArgs) (types.Result, error) {
 	}
 	podMAC, hostMAC := st.macs()
 	drift = append(drift, veth.Check(veth.Pod{
-		NetNS: args.Netns, IfName: args.IfName, HostName: st.HostVeth,
+		NetNS: args.Netns, IfName: args.IfName, HostName: st.HostVeth, MTU: st.MTU,
 		PodMAC: podMAC, HostMAC: hostMAC, Addrs: addrs, Routes: routes,
 	}))
 

@@ -122,6 +122,9 @@ func (c *NetConf) validate() error {
 	if c.Name == "" {
 		return invalid("name", "missing")
 	}
+	if len(c.Name) > 128 {
+		return invalid("name", "is %d characters long, at most 128", len(c.Name))
+	}
 	if !validName.MatchString(c.Name) {
 		return invalid("name", "%q may only hold letters, digits, '_', '.' and '-', starting with a letter or digit", c.Name)
 	}
@@ -206,6 +209,16 @@ func (c *NetConf) validateIPAM() error {
 			return &configError{field: fe.Field, err: fe.Err}
 		}
 		return invalid("ipam.ranges", "%w", err)
+	}
+	// A pod has one interface: one IPv4 and one IPv6 address at most, or
+	// its second address of a family would be dropped as spoofed.
+	seen := map[bool]int{}
+	for i, set := range valid {
+		is4 := set[0].Subnet.Addr().Is4()
+		if j, dup := seen[is4]; dup {
+			return invalid(fmt.Sprintf("ipam.ranges[%d]", i), "a second range set of the same family as ipam.ranges[%d]: one IPv4 and one IPv6 set at most", j)
+		}
+		seen[is4] = i
 	}
 	c.sets = valid
 	for i, r := range ic.Routes {

@@ -245,6 +245,8 @@ func TestParseConfigBad(t *testing.T) {
 		{"gateway outside subnet", conf("", rng(`{"subnet":"10.0.0.0/24","gateway":"10.0.1.1"}`)), types.ErrInvalidNetworkConfig, "ipam.ranges[0][0].gateway"},
 		{"mixed families in a set", conf("", rng(`{"subnet":"10.0.0.0/24"},{"subnet":"fd00::/64"}`)), types.ErrInvalidNetworkConfig, "ipam.ranges[0][1].subnet"},
 		{"overlapping sets", conf("", `{"ranges":[[{"subnet":"10.0.0.0/16"}],[{"subnet":"10.0.1.0/24"}]]}`), types.ErrInvalidNetworkConfig, "ipam.ranges[1][0]"},
+		{"two IPv4 sets", conf("", `{"ranges":[[{"subnet":"10.0.0.0/24"}],[{"subnet":"10.1.0.0/24"}]]}`), types.ErrInvalidNetworkConfig, "ipam.ranges[1]"},
+		{"name too long", `{"cniVersion":"1.0.0","name":"nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn","ipam":{"ranges":[[{"subnet":"10.0.0.0/24"}]]}}`, types.ErrInvalidNetworkConfig, "name"},
 		{"route dst bad", conf("", `{"ranges":[[{"subnet":"10.0.0.0/24"}]],"routes":[{"dst":"10.96.0.0"}]}`), types.ErrInvalidNetworkConfig, "ipam.routes[0].dst"},
 		{"second route dst bad", conf("", `{"ranges":[[{"subnet":"10.0.0.0/24"}]],"routes":[{"dst":"0.0.0.0/0"},{"dst":""}]}`), types.ErrInvalidNetworkConfig, "ipam.routes[1].dst"},
 		{"relative ipam.dataDir", conf("", `{"ranges":[[{"subnet":"10.0.0.0/24"}]],"dataDir":"ipam"}`), types.ErrInvalidNetworkConfig, "ipam.dataDir"},

@@ -8,7 +8,6 @@ import (
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
-	"github.com/vishvananda/netlink"
 
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 	"github.com/ebpf-cni/ebpf-cni/internal/maps"
@@ -46,12 +45,13 @@ func teardown(conf *NetConf, containerID, ifname string, extra []netip.Addr, rel
 	st, err := readState(conf.StateDir, conf.Name, containerID, ifname)
 	errs = append(errs, err)
 	hostName := veth.HostName(containerID, ifname)
+	podMAC, _ := veth.MACs(containerID, ifname)
 	addrs := extra
 	idx := veth.HostIndex(hostName)
 	if st != nil {
 		addrs = append(addrs, st.addrs()...)
-		if idx == 0 && !ifindexTaken(st.HostIndex) {
-			idx = st.HostIndex // veth gone, its ifindex not reused: entries are ours
+		if idx == 0 {
+			idx = st.HostIndex // veth gone with the netns; entries checked by pod MAC
 		}
 	}
 	addrs = append(addrs, reserved(conf, containerID, ifname)...)
@@ -59,11 +59,13 @@ func teardown(conf *NetConf, containerID, ifname string, extra []netip.Addr, rel
 	m, err := maps.Open(conf.PinRoot)
 	switch {
 	case err == nil:
+		// Entries are removed only while they still carry this attachment's
+		// pod MAC: an address or ifindex reused by a newer pod is left alone.
 		for _, a := range addrs {
-			errs = append(errs, m.DeleteEndpoint(a, idx))
+			errs = append(errs, m.DeleteEndpoint(a, podMAC))
 		}
 		if idx > 0 {
-			errs = append(errs, m.DeleteDevice(idx))
+			errs = append(errs, m.DeleteDevice(idx, podMAC))
 		}
 		m.Close()
 	case errors.Is(err, loader.ErrNotLoaded):
@@ -85,6 +87,8 @@ func teardown(conf *NetConf, containerID, ifname string, extra []netip.Addr, rel
 	errs = append(errs, removeState(conf.StateDir, conf.Name, containerID, ifname))
 	if left, err := hasStates(conf.StateDir, conf.Name); err == nil && !left {
 		errs = append(errs, nat.Remove(conf.Name))
+	} else if err != nil {
+		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("delete %s/%s: %w", containerID, ifname, err)
@@ -110,15 +114,4 @@ func reserved(conf *NetConf, containerID, ifname string) []netip.Addr {
 		out[i] = r.IP
 	}
 	return out
-}
-
-// ifindexTaken reports whether a link with that index exists now.
-func ifindexTaken(idx int) bool {
-	if idx <= 0 {
-		return false
-	}
-	_, err := netlink.LinkByIndex(idx)
-	var nf netlink.LinkNotFoundError
-	// Anything but "not found" means we cannot tell: leave entries keyed by it.
-	return !errors.As(err, &nf)
 }

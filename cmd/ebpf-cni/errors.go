@@ -25,7 +25,11 @@ func toCNI(err error) error {
 	}
 	var ce *types.Error
 	if errors.As(err, &ce) {
-		return ce
+		if ce == err {
+			return ce
+		}
+		// Keep the code, and the context wrapped around it.
+		return types.NewError(ce.Code, err.Error(), ce.Details)
 	}
 	var cfg *configError
 	var dec *decodeError

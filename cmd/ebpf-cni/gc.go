@@ -5,13 +5,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
-	"github.com/containernetworking/plugins/pkg/netlinksafe"
+	"github.com/vishvananda/netlink"
 
 	"github.com/ebpf-cni/ebpf-cni/internal/flock"
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
@@ -76,8 +77,9 @@ func cmdGC(args *skel.CmdArgs) (types.Result, error) {
 	return nil, nil
 }
 
-// gcReservations releases built-in reservations of attachments not kept
-// (including those whose ADD died before it wrote a record).
+// gcReservations tears down attachments that hold a built-in reservation
+// but are not kept, including those whose ADD died before it wrote its
+// record: their veth, entries and pins go with the address.
 func gcReservations(conf *NetConf, keep func(cid, ifname string) bool) error {
 	alloc, err := conf.allocator()
 	if err != nil {
@@ -88,29 +90,38 @@ func gcReservations(conf *NetConf, keep func(cid, ifname string) bool) error {
 		return err
 	}
 	var errs []error
+	done := map[[2]string]bool{}
 	for _, r := range recs {
-		if !keep(r.ContainerID, r.IfName) {
-			errs = append(errs, alloc.ReleaseIP(r.IP, flock.DefaultWait))
+		owner := [2]string{r.ContainerID, r.IfName}
+		if keep(r.ContainerID, r.IfName) || done[owner] {
+			continue
 		}
+		done[owner] = true
+		release := func() error {
+			_, err := alloc.Release(r.ContainerID, r.IfName, flock.DefaultWait)
+			if err == nil {
+				err = alloc.ReleaseIP(r.IP, flock.DefaultWait) // also without an owner index
+			}
+			return err
+		}
+		errs = append(errs, teardown(conf, r.ContainerID, r.IfName, []netip.Addr{r.IP}, release))
 	}
 	return errors.Join(errs...)
 }
 
 // gcOrphans drops node-wide state whose host veth is gone: endpoint and
-// device entries keyed by a vanished ifindex, and link pins of vanished veths.
+// device entries keyed by a vanished ifindex, and link pins of vanished
+// veths. Each is re-checked right before it is removed: ADD creates the veth
+// before its entries and pins, so nothing of a concurrent ADD is touched.
 func gcOrphans(root string) error {
-	links, err := netlinksafe.LinkList()
-	if err != nil {
-		return fmt.Errorf("list links: %w", err)
+	ours := func(idx int) bool {
+		l, err := netlink.LinkByIndex(idx)
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return false
+		}
+		return err != nil || strings.HasPrefix(l.Attrs().Name, veth.HostPrefix) // unsure: keep
 	}
-	live := map[int]string{}
-	names := map[string]bool{}
-	for _, l := range links {
-		live[l.Attrs().Index] = l.Attrs().Name
-		names[l.Attrs().Name] = true
-	}
-	ours := func(idx int) bool { return strings.HasPrefix(live[idx], veth.HostPrefix) }
-
 	var errs []error
 	m, err := maps.Open(root)
 	if err == nil {
@@ -119,14 +130,14 @@ func gcOrphans(root string) error {
 		errs = append(errs, err)
 		for _, ep := range eps {
 			if !ours(ep.Ifindex) {
-				errs = append(errs, m.DeleteEndpoint(ep.IP, ep.Ifindex))
+				errs = append(errs, m.DeleteEndpoint(ep.IP, ep.PodMAC))
 			}
 		}
 		devs, err := m.Devices()
 		errs = append(errs, err)
-		for idx := range devs {
+		for idx, d := range devs {
 			if !ours(idx) {
-				errs = append(errs, m.DeleteDevice(idx))
+				errs = append(errs, m.DeleteDevice(idx, d.PodMAC))
 			}
 		}
 	} else if !errors.Is(err, loader.ErrNotLoaded) {
@@ -139,7 +150,13 @@ func gcOrphans(root string) error {
 	}
 	for _, p := range pins {
 		name := p.Name()
-		if i := strings.LastIndexByte(name, '-'); i > 0 && !names[name[:i]] {
+		i := strings.LastIndexByte(name, '-')
+		if i <= 0 {
+			continue
+		}
+		_, err := netlink.LinkByName(name[:i])
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
 			errs = append(errs, loader.Detach(root, 0, name[:i]))
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
 
 	"github.com/ebpf-cni/ebpf-cni/internal/veth"
 )
@@ -62,7 +63,7 @@ func TestBuildResult(t *testing.T) {
 				Name:       "pods",
 				DNS:        types.DNS{Nameservers: []string{"10.96.0.10"}},
 			}}
-			res, err := buildResult(conf, host, pod, addrs, routes)
+			res, err := buildResult(conf, host, pod, 1450, addrs, routes)
 			if err != nil {
 				t.Fatalf("buildResult: %v", err)
 			}
@@ -130,7 +131,7 @@ func TestBuildResult(t *testing.T) {
 
 func TestBuildResultSingleStack(t *testing.T) {
 	conf := &NetConf{NetConf: types.NetConf{CNIVersion: "0.3.1"}}
-	res, err := buildResult(conf, veth.Link{Name: "h"}, veth.Link{Name: "eth0", Sandbox: "/run/netns/x"},
+	res, err := buildResult(conf, veth.Link{Name: "h"}, veth.Link{Name: "eth0", Sandbox: "/run/netns/x"}, 1500,
 		[]netip.Addr{netip.MustParseAddr("fd00::9")}, []netip.Prefix{netip.MustParsePrefix("::/0")})
 	if err != nil {
 		t.Fatalf("buildResult: %v", err)
@@ -150,7 +151,7 @@ func TestBuildResultSingleStack(t *testing.T) {
 
 func TestBuildResultUnknownVersion(t *testing.T) {
 	conf := &NetConf{NetConf: types.NetConf{CNIVersion: "9.9.9"}}
-	_, err := buildResult(conf, veth.Link{Name: "h"}, veth.Link{Name: "eth0"},
+	_, err := buildResult(conf, veth.Link{Name: "h"}, veth.Link{Name: "eth0"}, 1500,
 		[]netip.Addr{netip.MustParseAddr("10.0.0.2")}, nil)
 	if err == nil || !strings.Contains(err.Error(), "9.9.9") {
 		t.Errorf("buildResult with cniVersion 9.9.9: err = %v, want an error naming the version", err)
@@ -235,5 +236,31 @@ func TestPrefixOf(t *testing.T) {
 		if p, ok := prefixOf(bad); ok {
 			t.Errorf("prefixOf(%#v) = %v, true; want false", bad, p)
 		}
+	}
+}
+
+// A plugin that runs after another (prevResult present) extends its result:
+// earlier interfaces and IPs stay, ours are appended with the right index.
+func TestBuildResultExtendsPrevResult(t *testing.T) {
+	prev := &current.Result{
+		CNIVersion: "1.0.0",
+		Interfaces: []*current.Interface{{Name: "lo0", Sandbox: "/run/netns/x"}},
+		IPs:        []*current.IPConfig{{Interface: current.Int(0), Address: net.IPNet{IP: net.ParseIP("192.0.2.9").To4(), Mask: net.CIDRMask(32, 32)}}},
+	}
+	conf := &NetConf{NetConf: types.NetConf{CNIVersion: "1.0.0", PrevResult: prev}}
+	res, err := buildResult(conf, veth.Link{Name: "h"}, veth.Link{Name: "eth0", Sandbox: "/run/netns/x"}, 1400,
+		[]netip.Addr{netip.MustParseAddr("10.0.0.5")}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := current.NewResultFromResult(res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Interfaces) != 3 || r.Interfaces[0].Name != "lo0" || r.Interfaces[2].Name != "eth0" || r.Interfaces[2].Mtu != 1400 {
+		t.Fatalf("interfaces = %+v, want lo0, h, eth0 (mtu 1400)", r.Interfaces)
+	}
+	if len(r.IPs) != 2 || *r.IPs[1].Interface != 2 || r.IPs[1].Address.IP.String() != "10.0.0.5" {
+		t.Fatalf("ips = %+v, want the earlier one and 10.0.0.5 on interface 2", r.IPs)
 	}
 }

@@ -15,7 +15,8 @@ import (
 
 // endpointState is what ADD remembers of an attachment, so DEL and GC can
 // undo it after the pod's namespace (and with it the veth) is gone.
-// One file per attachment: <stateDir>/<network>/endpoints/<containerID>_<ifname>.json
+// One file per attachment: <stateDir>/<network>/endpoints/<containerID>:<ifname>.json
+// (':' can appear in neither a container ID nor an interface name).
 type endpointState struct {
 	ContainerID  string         `json:"containerID"`
 	IfName       string         `json:"ifname"`
@@ -25,6 +26,7 @@ type endpointState struct {
 	PodMAC       string         `json:"podMAC"`
 	HostMAC      string         `json:"hostMAC"`
 	IPs          []netip.Prefix `json:"ips"` // as IPAM returned them (subnet mask)
+	MTU          int            `json:"mtu"`
 	PodNamespace string         `json:"podNamespace,omitempty"`
 	PodName      string         `json:"podName,omitempty"`
 	Attach       string         `json:"attach"`
@@ -53,7 +55,7 @@ func endpointsDir(stateDir, network string) string {
 }
 
 func statePath(stateDir, network, containerID, ifname string) string {
-	return filepath.Join(endpointsDir(stateDir, network), containerID+"_"+ifname+".json")
+	return filepath.Join(endpointsDir(stateDir, network), containerID+":"+ifname+".json")
 }
 
 // lockNetwork serialises the network's endpoint records with its

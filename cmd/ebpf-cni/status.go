@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/containernetworking/cni/pkg/invoke"
@@ -31,6 +32,10 @@ func cmdStatus(args *skel.CmdArgs) (types.Result, error) {
 	}
 	if !conf.builtin {
 		if err := invoke.DelegateStatus(context.TODO(), conf.IPAMConf.Type, args.StdinData, nil); err != nil {
+			var ce *types.Error
+			if errors.As(err, &ce) && (ce.Code == 50 || ce.Code == 51) {
+				return nil, types.NewError(ce.Code, "ipam plugin "+conf.IPAMConf.Type+": "+ce.Msg, ce.Details)
+			}
 			return nil, notReady("ipam plugin %s: %v", conf.IPAMConf.Type, err)
 		}
 		return nil, nil

@@ -8,6 +8,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/flock"
 )
 
 // ErrNoBPFFS means the pin root is not on a bpffs mount and none could be
@@ -17,6 +19,9 @@ var ErrNoBPFFS = errors.New("bpffs is not mounted")
 // DefaultMount is where bpffs lives on a Kubernetes node and where ebpf-cni
 // mounts it when it is missing, as the Cilium agent does.
 const DefaultMount = "/sys/fs/bpf"
+
+// lockDir holds node locks that cannot live on bpffs.
+const lockDir = "/run/ebpf-cni"
 
 // EnsureBPFFS checks that root is (or would be created) on a bpffs. When it
 // is not and root lies under /sys/fs/bpf, bpffs is mounted there first.
@@ -30,6 +35,19 @@ func EnsureBPFFS(root string) error {
 	}
 	if root != DefaultMount && !strings.HasPrefix(root, DefaultMount+"/") {
 		return fmt.Errorf("pin root %s (%s is not bpffs): %w", root, at, ErrNoBPFFS)
+	}
+	// Concurrent first ADDs must not stack two mounts: the second would hide
+	// the pins the first made. The lock cannot live on bpffs itself.
+	if err := os.MkdirAll(lockDir, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", lockDir, err)
+	}
+	unlock, err := flock.Acquire(filepath.Join(lockDir, "bpffs.lock"), flock.DefaultWait)
+	if err != nil {
+		return fmt.Errorf("lock bpffs mount: %w", err)
+	}
+	defer unlock()
+	if ok, _, err := onBPFFS(root); err != nil || ok {
+		return err // mounted by another ADD meanwhile
 	}
 	if err := unix.Mount("bpffs", DefaultMount, "bpf", 0, "mode=0700"); err != nil {
 		return fmt.Errorf("mount bpffs at %s: %w: %w", DefaultMount, err, ErrNoBPFFS)

@@ -48,6 +48,24 @@ type DatapathEndpointStats struct {
 	DropSpoofedMac  uint64
 	DropSpoofedIp   uint64
 	DropMalformed   uint64
+	DropProtocol    uint64
+	HostPathPackets uint64
+}
+
+type DatapathFlowInfo struct {
+	_      structs.HostLayout
+	SeenNs uint64
+}
+
+type DatapathFlowKey struct {
+	_      structs.HostLayout
+	Saddr  [16]uint8
+	Daddr  [16]uint8
+	Sport  uint16
+	Dport  uint16
+	Proto  uint8
+	Family uint8
+	Pad    [2]uint8
 }
 
 // Names of all BPF objects in the ELF.
@@ -57,12 +75,15 @@ const (
 	DatapathMapDevicesV1           = "devices_v1"
 	DatapathMapEndpointsV1         = "endpoints_v1"
 	DatapathMapEpStatsV1           = "ep_stats_v1"
+	DatapathMapHostFlowsV1         = "host_flows_v1"
 	DatapathProgFromPod            = "from_pod"
 	DatapathProgToPod              = "to_pod"
 	DatapathVarUnusedDeviceInfo    = "unused_device_info"
 	DatapathVarUnusedEndpointInfo  = "unused_endpoint_info"
 	DatapathVarUnusedEndpointKey   = "unused_endpoint_key"
 	DatapathVarUnusedEndpointStats = "unused_endpoint_stats"
+	DatapathVarUnusedFlowInfo      = "unused_flow_info"
+	DatapathVarUnusedFlowKey       = "unused_flow_key"
 )
 
 // LoadDatapath returns the embedded CollectionSpec for Datapath.
@@ -118,6 +139,7 @@ type DatapathMapSpecs struct {
 	DevicesV1   *ebpf.MapSpec `ebpf:"devices_v1"`
 	EndpointsV1 *ebpf.MapSpec `ebpf:"endpoints_v1"`
 	EpStatsV1   *ebpf.MapSpec `ebpf:"ep_stats_v1"`
+	HostFlowsV1 *ebpf.MapSpec `ebpf:"host_flows_v1"`
 }
 
 // DatapathVariableSpecs contains global variables before they are loaded into the kernel.
@@ -128,6 +150,8 @@ type DatapathVariableSpecs struct {
 	UnusedEndpointInfo  *ebpf.VariableSpec `ebpf:"unused_endpoint_info"`
 	UnusedEndpointKey   *ebpf.VariableSpec `ebpf:"unused_endpoint_key"`
 	UnusedEndpointStats *ebpf.VariableSpec `ebpf:"unused_endpoint_stats"`
+	UnusedFlowInfo      *ebpf.VariableSpec `ebpf:"unused_flow_info"`
+	UnusedFlowKey       *ebpf.VariableSpec `ebpf:"unused_flow_key"`
 }
 
 // DatapathObjects contains all objects after they have been loaded into the kernel.
@@ -153,6 +177,7 @@ type DatapathMaps struct {
 	DevicesV1   *ebpf.Map `ebpf:"devices_v1"`
 	EndpointsV1 *ebpf.Map `ebpf:"endpoints_v1"`
 	EpStatsV1   *ebpf.Map `ebpf:"ep_stats_v1"`
+	HostFlowsV1 *ebpf.Map `ebpf:"host_flows_v1"`
 }
 
 func (m *DatapathMaps) Close() error {
@@ -160,6 +185,7 @@ func (m *DatapathMaps) Close() error {
 		m.DevicesV1,
 		m.EndpointsV1,
 		m.EpStatsV1,
+		m.HostFlowsV1,
 	)
 }
 
@@ -171,6 +197,8 @@ type DatapathVariables struct {
 	UnusedEndpointInfo  *ebpf.Variable `ebpf:"unused_endpoint_info"`
 	UnusedEndpointKey   *ebpf.Variable `ebpf:"unused_endpoint_key"`
 	UnusedEndpointStats *ebpf.Variable `ebpf:"unused_endpoint_stats"`
+	UnusedFlowInfo      *ebpf.Variable `ebpf:"unused_flow_info"`
+	UnusedFlowKey       *ebpf.Variable `ebpf:"unused_flow_key"`
 }
 
 // DatapathPrograms contains all programs after they have been loaded into the kernel.

@@ -61,8 +61,10 @@ func LinkDir(root string) string { return filepath.Join(root, "links") }
 // first if this node (pin root) has not got it yet. bpffs is mounted at
 // /sys/fs/bpf when the pin root lives there and nothing is mounted.
 func Ensure(root string) (*Programs, error) {
-	if p, err := Open(root); err == nil {
+	if p, err := Open(root); err == nil && mapsPinned(root) {
 		return p, nil
+	} else if err == nil {
+		p.Close()
 	}
 	if err := EnsureBPFFS(root); err != nil {
 		return nil, err
@@ -76,9 +78,27 @@ func Ensure(root string) (*Programs, error) {
 	}
 	defer unlock()
 	if p, err := Open(root); err == nil {
-		return p, nil // another ADD won the race
+		if mapsPinned(root) {
+			return p, nil // another ADD won the race
+		}
+		// Programs without their maps (pins removed by hand): the programs
+		// point at maps no one can open, so load everything anew.
+		p.Close()
+		if err := os.RemoveAll(progDir(root)); err != nil {
+			return nil, fmt.Errorf("remove programs pinned without their maps: %w", err)
+		}
 	}
 	return create(root)
+}
+
+// mapsPinned reports whether every map of this build is pinned under root.
+func mapsPinned(root string) bool {
+	for _, name := range []string{DatapathMapEndpointsV1, DatapathMapDevicesV1, DatapathMapEpStatsV1, DatapathMapHostFlowsV1} {
+		if _, err := os.Stat(filepath.Join(root, name)); err != nil {
+			return false
+		}
+	}
+	return true
 }
 
 // Open loads this build's pinned programs; ErrNotLoaded when absent.

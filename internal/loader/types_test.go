@@ -27,6 +27,8 @@ func TestTypesMatchBTF(t *testing.T) {
 		{"endpoint_info", DatapathEndpointInfo{}},
 		{"device_info", DatapathDeviceInfo{}},
 		{"endpoint_stats", DatapathEndpointStats{}},
+		{"flow_key", DatapathFlowKey{}},
+		{"flow_info", DatapathFlowInfo{}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.cName, func(t *testing.T) {
@@ -88,6 +90,7 @@ func TestMapSizes(t *testing.T) {
 		{DatapathMapEndpointsV1, DatapathEndpointKey{}, DatapathEndpointInfo{}},
 		{DatapathMapDevicesV1, uint32(0), DatapathDeviceInfo{}},
 		{DatapathMapEpStatsV1, uint32(0), DatapathEndpointStats{}},
+		{DatapathMapHostFlowsV1, DatapathFlowKey{}, DatapathFlowInfo{}},
 	}
 	var pinned []string
 	for name, m := range spec.Maps {

@@ -86,6 +86,46 @@ func arpFrame(srcMAC, senderMAC net.HardwareAddr, sender, target netip.Addr) []b
 	return padFrame(b.Bytes())
 }
 
+// vlanFrame is 802.1Q VID 0 around an IPv4 packet from the pod.
+func vlanFrame(src net.HardwareAddr) []byte {
+	inner := ipv4Frame(src, podIP, peerIP)
+	var b bytes.Buffer
+	b.Write(inner[:12])
+	binary.Write(&b, binary.BigEndian, []uint16{0x8100, 0})
+	b.Write(inner[12:])
+	return b.Bytes()
+}
+
+func etherFrame(src net.HardwareAddr, proto uint16) []byte {
+	var b bytes.Buffer
+	b.Write(hostMAC)
+	b.Write(src)
+	binary.Write(&b, binary.BigEndian, proto)
+	return padFrame(b.Bytes())
+}
+
+// tcpFrame is an IPv4 TCP segment with the given ports and flags.
+func tcpFrame(dstMAC, srcMAC net.HardwareAddr, src, dst netip.Addr, sport, dport uint16, flags byte) []byte {
+	var b bytes.Buffer
+	b.Write(dstMAC)
+	b.Write(srcMAC)
+	binary.Write(&b, binary.BigEndian, uint16(0x0800))
+	ip := make([]byte, 20)
+	ip[0] = 0x45
+	binary.BigEndian.PutUint16(ip[2:], 20+20)
+	ip[8], ip[9] = 64, 6
+	s, d := src.As4(), dst.As4()
+	copy(ip[12:], s[:])
+	copy(ip[16:], d[:])
+	b.Write(ip)
+	tcp := make([]byte, 20)
+	binary.BigEndian.PutUint16(tcp[0:], sport)
+	binary.BigEndian.PutUint16(tcp[2:], dport)
+	tcp[12], tcp[13] = 5<<4, flags
+	b.Write(tcp)
+	return padFrame(b.Bytes())
+}
+
 func padFrame(f []byte) []byte {
 	if len(f) < 60 {
 		f = append(f, make([]byte, 60-len(f))...)
@@ -145,6 +185,8 @@ func TestFromPodVerdicts(t *testing.T) {
 		{"arp from the pod passes", arpFrame(podMAC, podMAC, podIP, peerIP), actUnspec, func(s maps.Stats) uint64 { return s.FromPodPackets }},
 		{"arp with spoofed sender ip is dropped", arpFrame(podMAC, podMAC, other, peerIP), actShot, func(s maps.Stats) uint64 { return s.DropSpoofedIp }},
 		{"arp with spoofed sender mac is dropped", arpFrame(podMAC, spoofMAC, podIP, peerIP), actShot, func(s maps.Stats) uint64 { return s.DropSpoofedMac }},
+		{"vlan-tagged frame is dropped", vlanFrame(podMAC), actShot, func(s maps.Stats) uint64 { return s.DropProtocol }},
+		{"unknown ethertype is dropped", etherFrame(podMAC, 0x88cc), actShot, func(s maps.Stats) uint64 { return s.DropProtocol }},
 		{"truncated arp is dropped", arpFrame(podMAC, podMAC, podIP, peerIP)[:24], actShot, func(s maps.Stats) uint64 { return s.DropMalformed }},
 	}
 	for _, tt := range tests {
@@ -174,14 +216,22 @@ func TestFromPodVerdicts(t *testing.T) {
 	}
 }
 
-func TestFromPodUnknownDevicePasses(t *testing.T) {
+// Our programs are only attached to endpoints: without a device entry (a
+// DEL half done, a lost entry) nothing the pod sends is trusted.
+func TestFromPodUnknownDeviceDrops(t *testing.T) {
 	objs, m := load(t)
-	if err := m.DeleteDevice(testIfindex); err != nil {
+	if err := m.DeleteDevice(testIfindex, peerPod); err != nil {
 		t.Fatal(err)
 	}
-	got, _ := run(t, objs.FromPod, ipv4Frame(podMAC, netip.MustParseAddr("192.0.2.1"), peerIP))
-	if got != actUnspec {
-		t.Fatalf("verdict on a device that is not ours = %d, want pass", int32(got))
+	if _, err := m.Device(testIfindex); err != nil {
+		t.Fatalf("DeleteDevice with another pod's MAC removed the entry: %v", err)
+	}
+	if err := m.DeleteDevice(testIfindex, podMAC); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := run(t, objs.FromPod, ipv4Frame(podMAC, podIP, peerIP))
+	if got != actShot {
+		t.Fatalf("verdict without a device entry = %d, want drop", int32(got))
 	}
 	if _, err := m.Stats(testIfindex); !errors.Is(err, maps.ErrNotFound) {
 		t.Fatalf("counters of a deleted device: %v, want ErrNotFound", err)
@@ -203,21 +253,75 @@ func TestToPodCounts(t *testing.T) {
 	}
 }
 
-func TestEndpointDeleteChecksOwner(t *testing.T) {
+func TestEndpointOwnership(t *testing.T) {
 	_, m := load(t)
-	if err := m.DeleteEndpoint(peerIP, 7); err != nil {
+	if err := m.DeleteEndpoint(peerIP, podMAC); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := m.Endpoint(peerIP); err != nil {
-		t.Fatalf("entry owned by ifindex 42 was removed by a DEL for ifindex 7: %v", err)
+		t.Fatalf("entry of %s was removed by a DEL for %s: %v", peerPod, podMAC, err)
 	}
-	if err := m.DeleteEndpoint(peerIP, 42); err != nil {
+	err := m.PutEndpoint(maps.Endpoint{IP: peerIP, Ifindex: 7, PodMAC: podMAC, HostMAC: hostMAC})
+	if !errors.Is(err, maps.ErrTaken) {
+		t.Fatalf("put over another pod's address: %v, want ErrTaken", err)
+	}
+	if err := m.PutEndpoint(maps.Endpoint{IP: peerIP, Ifindex: 44, PodMAC: peerPod, HostMAC: peerHost}); err != nil {
+		t.Fatalf("the same pod again: %v", err)
+	}
+	if ep, _ := m.Endpoint(peerIP); ep.Ifindex != 44 {
+		t.Fatalf("retried put kept ifindex %d, want 44", ep.Ifindex)
+	}
+	if err := m.DeleteEndpoint(peerIP, peerPod); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := m.Endpoint(peerIP); !errors.Is(err, maps.ErrNotFound) {
 		t.Fatalf("after delete: %v, want ErrNotFound", err)
 	}
-	if err := m.DeleteEndpoint(peerIP, 42); err != nil {
+	if err := m.DeleteEndpoint(peerIP, peerPod); err != nil {
 		t.Fatalf("second delete: %v", err)
+	}
+}
+
+// A flow the host stack delivered to the pod (a Service DNAT: from the local
+// peer, not redirected) has its replies sent back through the host, so
+// conntrack can undo the NAT. A new direct connection with the same ports
+// goes back to the fast path.
+func TestHostPathFlows(t *testing.T) {
+	objs, m := load(t)
+	const syn, synAck, ack = 0x02, 0x12, 0x10
+	delivered := tcpFrame(podMAC, hostMAC, peerIP, podIP, 40000, 8080, syn)
+	if got, _ := run(t, objs.ToPod, delivered); got != actUnspec {
+		t.Fatalf("to_pod verdict %d, want pass", int32(got))
+	}
+	reply := tcpFrame(hostMAC, podMAC, podIP, peerIP, 8080, 40000, synAck)
+	before, _ := m.Stats(testIfindex)
+	if got, _ := run(t, objs.FromPod, reply); got != actUnspec {
+		t.Fatalf("reply of a host-delivered flow: verdict %d, want pass to the host", int32(got))
+	}
+	after, _ := m.Stats(testIfindex)
+	if after.HostPathPackets != before.HostPathPackets+1 {
+		t.Errorf("host_path_packets %d -> %d, want +1", before.HostPathPackets, after.HostPathPackets)
+	}
+	// Other ports between the same pods still take the fast path.
+	if got, _ := run(t, objs.FromPod, tcpFrame(hostMAC, podMAC, podIP, peerIP, 8080, 40001, ack)); got != actRedirect {
+		t.Errorf("unrelated flow: verdict %d, want redirect", int32(got))
+	}
+	// The peer opens a direct connection reusing the ports: the stale
+	// host-path entry is forgotten when its SYN is redirected.
+	m2 := maps.FromObjects(objs)
+	if err := m2.PutDevice(testIfindex, maps.Device{PodMAC: peerPod, HostMAC: hostMAC, IPv4: peerIP}); err != nil {
+		t.Fatal(err)
+	}
+	if err := m2.PutEndpoint(maps.Endpoint{IP: podIP, Ifindex: 43, PodMAC: podMAC, HostMAC: hostMAC}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := run(t, objs.FromPod, tcpFrame(hostMAC, peerPod, peerIP, podIP, 40000, 8080, syn)); got != actRedirect {
+		t.Fatalf("direct SYN: verdict %d, want redirect", int32(got))
+	}
+	if err := m2.PutDevice(testIfindex, maps.Device{PodMAC: podMAC, HostMAC: hostMAC, IPv4: podIP, IPv6: podIP6}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := run(t, objs.FromPod, reply); got != actRedirect {
+		t.Errorf("reply after a direct SYN reused the ports: verdict %d, want redirect", int32(got))
 	}
 }

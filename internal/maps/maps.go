@@ -8,6 +8,7 @@
 package maps
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net"
@@ -23,6 +24,9 @@ import (
 
 // ErrNotFound is returned for a key that has no entry.
 var ErrNotFound = errors.New("no map entry")
+
+// ErrTaken is returned when a pod address is already mapped to another pod.
+var ErrTaken = errors.New("address is mapped to another endpoint")
 
 // Maps holds the node's datapath maps.
 type Maps struct {
@@ -115,7 +119,10 @@ func mac6(hw net.HardwareAddr) ([6]byte, error) {
 	return [6]byte(hw), nil
 }
 
-// PutEndpoint makes ip reachable through the host veth ifindex.
+// PutEndpoint makes ip reachable through the host veth ifindex. An entry of
+// another pod (another pod MAC) for the same address is never overwritten:
+// two networks sharing a pin root with overlapping ranges, or a duplicate
+// from a delegated IPAM, fail the ADD instead of hijacking traffic.
 func (m *Maps) PutEndpoint(ep Endpoint) error {
 	pod, err := mac6(ep.PodMAC)
 	if err != nil {
@@ -131,7 +138,15 @@ func (m *Maps) PutEndpoint(ep Endpoint) error {
 	}
 	k := endpointKey(ep.IP)
 	v := loader.DatapathEndpointInfo{Ifindex: uint32(ep.Ifindex), PodMac: pod, HostMac: host, Flags: flags}
-	if err := m.endpoints.Put(&k, &v); err != nil {
+	err = m.endpoints.Update(&k, &v, ebpf.UpdateNoExist)
+	if errors.Is(err, ebpf.ErrKeyExist) {
+		old, lerr := m.Endpoint(ep.IP)
+		if lerr == nil && !bytes.Equal(old.PodMAC, ep.PodMAC) {
+			return fmt.Errorf("put endpoint %s: %w (pod MAC %s, host ifindex %d)", ep.IP, ErrTaken, old.PodMAC, old.Ifindex)
+		}
+		err = m.endpoints.Put(&k, &v) // the same pod again (a retried ADD)
+	}
+	if err != nil {
 		return fmt.Errorf("put endpoint %s: %w", ep.IP, err)
 	}
 	return nil
@@ -159,9 +174,10 @@ func toEndpoint(k loader.DatapathEndpointKey, v loader.DatapathEndpointInfo) End
 	}
 }
 
-// DeleteEndpoint removes ip if it still points at ifindex (any owner when
-// ifindex is 0). A missing entry is success.
-func (m *Maps) DeleteEndpoint(ip netip.Addr, ifindex int) error {
+// DeleteEndpoint removes ip if it still belongs to the pod with podMAC (MACs
+// derive from the attachment, so a stale DEL never removes the entry of a
+// newer pod that got the address). A missing entry is success.
+func (m *Maps) DeleteEndpoint(ip netip.Addr, podMAC net.HardwareAddr) error {
 	ep, err := m.Endpoint(ip)
 	if errors.Is(err, ErrNotFound) {
 		return nil
@@ -169,8 +185,8 @@ func (m *Maps) DeleteEndpoint(ip netip.Addr, ifindex int) error {
 	if err != nil {
 		return err
 	}
-	if ifindex != 0 && ep.Ifindex != ifindex {
-		return nil // the address belongs to a newer endpoint now
+	if !bytes.Equal(ep.PodMAC, podMAC) {
+		return nil // the address belongs to another endpoint now
 	}
 	k := endpointKey(ip)
 	if err := m.endpoints.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -267,8 +283,20 @@ func (m *Maps) Devices() (map[int]Device, error) {
 	return out, nil
 }
 
-// DeleteDevice removes the device entry and the counters of ifindex.
-func (m *Maps) DeleteDevice(ifindex int) error {
+// DeleteDevice removes the device entry and the counters of ifindex if the
+// entry is the pod's with podMAC (an ifindex can be reused by a newer pod).
+// A missing entry is success.
+func (m *Maps) DeleteDevice(ifindex int, podMAC net.HardwareAddr) error {
+	d, err := m.Device(ifindex)
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(d.PodMAC, podMAC) {
+		return nil
+	}
 	key := uint32(ifindex)
 	var errs []error
 	for _, mp := range []*ebpf.Map{m.devices, m.stats} {

@@ -15,11 +15,14 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/flock"
 )
 
 // Table is the name of the nftables table ebpf-cni owns.
@@ -67,8 +70,24 @@ func rules(c *nftables.Conn) ([]*nftables.Rule, error) {
 	return rs, nil
 }
 
+// lockPath serialises changes to the table across networks: one network's
+// last DEL deletes the table only if no other network's rule is in it.
+const lockPath = "/run/ebpf-cni/nat.lock"
+
+func lock() (func(), error) {
+	if err := os.MkdirAll(filepath.Dir(lockPath), 0o700); err != nil {
+		return nil, fmt.Errorf("create %s: %w", filepath.Dir(lockPath), err)
+	}
+	return flock.Acquire(lockPath, flock.DefaultWait)
+}
+
 // Ensure makes traffic from each prefix to anywhere outside it masqueraded.
 func Ensure(network string, prefixes []netip.Prefix) error {
+	unlock, err := lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	c, err := conn()
 	if err != nil {
 		return err
@@ -132,6 +151,11 @@ func masquerade(p netip.Prefix) []expr.Any {
 
 // Remove deletes the network's rules, and the table once no rule is left.
 func Remove(network string) error {
+	unlock, err := lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	c, err := conn()
 	if err != nil {
 		return err

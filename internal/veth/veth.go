@@ -90,7 +90,7 @@ func openNS(path string) (netns.NsHandle, *netlinksafe.Handle, error) {
 	h, err := netlinksafe.NewHandleAt(nsh)
 	if err != nil {
 		nsh.Close()
-		return 0, nil, fmt.Errorf("netlink handle in %s: %w", path, err)
+		return 0, nil, fmt.Errorf("%w %s (not a network namespace?): %w", ErrNetNS, path, err)
 	}
 	return nsh, &h, nil
 }
@@ -209,6 +209,12 @@ func configurePod(h *netlinksafe.Handle, l netlink.Link, p Pod) error {
 }
 
 func configureHost(l netlink.Link, p Pod) error {
+	// No duplicate address detection on the host veth: its link-local
+	// address is usable at once (host -> pod IPv6 may pick it as source).
+	dad := filepath.Join("/proc/sys/net/ipv6/conf", p.HostName, "accept_dad")
+	if err := os.WriteFile(dad, []byte("0"), 0o644); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("disable DAD on %s: %w", p.HostName, err)
+	}
 	if err := netlink.LinkSetUp(l); err != nil {
 		return fmt.Errorf("set %s up: %w", p.HostName, err)
 	}

@@ -31,6 +31,7 @@ type endpointView struct {
 		RedirectPackets uint64
 		DropSpoofedMac  uint64
 		DropSpoofedIp   uint64
+		HostPathPackets uint64
 	} `json:"counters"`
 }
 
@@ -126,7 +127,10 @@ func hostRoute(t *testing.T, a netip.Addr) string {
 // the endpoint record.
 func (n *node) assertGone(hostVeth, containerID string, ips []netip.Addr) {
 	n.t.Helper()
-	if _, ok := hostLinks(n.t)[hostVeth]; ok && hostVeth != "" {
+	if containerID == "" || hostVeth == "" || len(ips) == 0 {
+		n.t.Fatalf("assertGone needs the container ID, host veth and addresses (got %q, %q, %v)", containerID, hostVeth, ips)
+	}
+	if _, ok := hostLinks(n.t)[hostVeth]; ok {
 		n.t.Errorf("host veth %s still exists", hostVeth)
 	}
 	eps := n.bpftoolEndpoints()
@@ -142,10 +146,10 @@ func (n *node) assertGone(hostVeth, containerID string, ips []netip.Addr) {
 		}
 	}
 	pins, _ := filepath.Glob(filepath.Join(n.pinRoot, "links", hostVeth+"-*"))
-	if len(pins) > 0 && hostVeth != "" {
+	if len(pins) > 0 {
 		n.t.Errorf("link pins left: %v", pins)
 	}
-	states, _ := filepath.Glob(filepath.Join(n.stateDir, n.name, "endpoints", containerID+"_*"))
+	states, _ := filepath.Glob(filepath.Join(n.stateDir, n.name, "endpoints", containerID+":*"))
 	if len(states) > 0 {
 		n.t.Errorf("endpoint records left: %v", states)
 	}

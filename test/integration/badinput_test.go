@@ -2,16 +2,20 @@ package integration
 
 import (
 	"encoding/json"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/veth"
 )
 
-// snapshot is every trace an attachment could leave on the node.
+// snapshot is every trace an attachment could leave on the node (host
+// veths are checked by name: other ebpf-cni users may come and go).
 type snapshot struct {
-	links   int
 	pins    []string
 	states  []string
 	records []string
@@ -21,7 +25,6 @@ type snapshot struct {
 func (n *node) snapshot() snapshot {
 	n.t.Helper()
 	var s snapshot
-	s.links = len(hostLinks(n.t))
 	filepath.Walk(n.pinRoot, func(p string, _ os.FileInfo, err error) error {
 		if err == nil {
 			s.pins = append(s.pins, p)
@@ -37,11 +40,14 @@ func (n *node) snapshot() snapshot {
 	return s
 }
 
-func (n *node) assertUnchanged(before snapshot, what string) {
+func (n *node) assertUnchanged(before snapshot, what string, containerIDs ...string) {
 	n.t.Helper()
 	after := n.snapshot()
-	if after.links != before.links {
-		n.t.Errorf("%s: host veths %d -> %d", what, before.links, after.links)
+	links := hostLinks(n.t)
+	for _, cid := range containerIDs {
+		if name := veth.HostName(cid, "eth0"); links[name] != 0 {
+			n.t.Errorf("%s: host veth %s of %s exists", what, name, cid)
+		}
 	}
 	if len(after.pins) != len(before.pins) {
 		n.t.Errorf("%s: pins %v -> %v", what, before.pins, after.pins)
@@ -109,7 +115,7 @@ func TestBadConfigRefused(t *testing.T) {
 			if e.Code != tc.code || !strings.Contains(e.Msg, tc.field) {
 				t.Errorf("error %+v, want code %d naming %q", e, tc.code, tc.field)
 			}
-			n.assertUnchanged(before, "refused ADD")
+			n.assertUnchanged(before, "refused ADD", "bad-1")
 			if _, err := os.Stat(n.pinRoot); err == nil {
 				t.Errorf("refused ADD created the pin root %s", n.pinRoot)
 			}
@@ -138,7 +144,7 @@ func TestBadEnvironmentRefused(t *testing.T) {
 	if e := decodeError(t, out); e.Code != 8 || !strings.Contains(e.Msg, "CNI_NETNS") {
 		t.Errorf("missing netns: %+v, want code 8 naming CNI_NETNS", e)
 	}
-	n.assertUnchanged(before, "ADD into a missing netns")
+	n.assertUnchanged(before, "ADD into a missing netns", "env-1")
 
 	// CNI_IFNAME already in the pod: 4, and the existing attachment is untouched.
 	out, err = n.call("ADD", "env-ok", good, n.conf())
@@ -169,7 +175,7 @@ func TestBadEnvironmentRefused(t *testing.T) {
 	if e := decodeError(t, out); e.Code != 4 || !strings.Contains(e.Msg, "CNI_CONTAINERID") {
 		t.Errorf("missing CNI_CONTAINERID: %+v", e)
 	}
-	n.assertUnchanged(before, "ADD with bad environment")
+	n.assertUnchanged(before, "ADD with bad environment", "env-2")
 
 	// CHECK of an unknown container: 3.
 	out, err = n.call("CHECK", "never-added", p, withPrev(t, n.conf(), mustResult(t, n, good)))
@@ -234,7 +240,7 @@ func TestPinRootNotOnBPFFS(t *testing.T) {
 	if e.Code != 11 || !strings.Contains(e.Msg, "bpffs") || !strings.Contains(e.Details, "try again later") {
 		t.Errorf("error %+v, want 11 naming bpffs and saying try again later", e)
 	}
-	n.assertUnchanged(before, "ADD without bpffs")
+	n.assertUnchanged(before, "ADD without bpffs", "nobpffs")
 	out, err = n.call("STATUS", "", nil, n.conf())
 	if e := decodeError(t, out); err == nil || e.Code != 50 {
 		t.Errorf("STATUS without bpffs: %v %+v, want 50", err, e)
@@ -268,8 +274,12 @@ CNI_COMMAND=DEL ` + bin + ` < ` + confFile + `
 	if err != nil {
 		t.Fatalf("ADD/DEL with /sys/fs/bpf unmounted: %v\n%s", err, out)
 	}
-	if !strings.Contains(string(out), `"cniVersion"`) || !strings.Contains(string(out), "bpf on /sys/fs/bpf") && !strings.Contains(string(out), "/sys/fs/bpf type bpf") {
+	if !strings.Contains(string(out), `"cniVersion"`) || !strings.Contains(string(out), "/sys/fs/bpf type bpf") {
 		t.Errorf("expected a result and a bpffs mount, got:\n%s", out)
 	}
-	n.assertGone("", "mount-1", nil)
+	ip := regexp.MustCompile(`"address": "([0-9.]+)/32"`).FindSubmatch(out)
+	if ip == nil {
+		t.Fatalf("no address in the ADD result:\n%s", out)
+	}
+	n.assertGone(veth.HostName("mount-1", "eth0"), "mount-1", []netip.Addr{netip.MustParseAddr(string(ip[1]))})
 }

@@ -18,13 +18,13 @@ type forwardCounter struct {
 	table string
 }
 
-func newForwardCounter(t *testing.T, n *node, src string) *forwardCounter {
+func newForwardCounter(t *testing.T, n *node, tag, src string) *forwardCounter {
 	t.Helper()
 	fam := "ip"
 	if strings.Contains(src, ":") {
 		fam = "ip6"
 	}
-	table := strings.ReplaceAll(n.name, "-", "_") + "_fwd"
+	table := strings.ReplaceAll(n.name, "-", "_") + "_fwd" + tag
 	script := fmt.Sprintf("table inet %s {\n chain forward {\n  type filter hook forward priority -300;\n  %s saddr %s counter\n }\n}\n", table, fam, src)
 	cmd := exec.Command("nft", "-f", "-")
 	cmd.Stdin = strings.NewReader(script)
@@ -105,7 +105,7 @@ func TestTwoPodsSameNode(t *testing.T) {
 	n := newNode(t, nil)
 	n.plugin["mtu"] = 1400
 	n.writeConflist()
-	fwd := newForwardCounter(t, n, "10.250.0.0/24")
+	fwd := newForwardCounter(t, n, "", "10.250.0.0/24")
 	// 203.0.113.1 is the host's own address on the link to "outside".
 	out := outside(t, n, "203.0.113.1/24", "203.0.113.2/24")
 	hostIP := netip.MustParseAddr("203.0.113.1")
@@ -196,4 +196,46 @@ func TestTwoPodsSameNode(t *testing.T) {
 	if rules, _ := exec.Command("nft", "list", "table", "inet", "ebpf-cni").Output(); strings.Contains(string(rules), n.name+" ") {
 		t.Errorf("masquerade rule of %s left after the last DEL:\n%s", n.name, rules)
 	}
+}
+
+// A Service on the node: the host DNATs 10.96.0.10:80 to pod b:8080, as
+// kube-proxy does. Pod a reaches it through the host; b's replies must go
+// back through the host too (conntrack undoes the DNAT), not by redirect,
+// or a would see answers from b's own address and reset the connection.
+func TestServiceDNATToLocalPod(t *testing.T) {
+	n := newNode(t, nil)
+	n.writeConflist()
+	a, b := n.newNS(), n.newNS()
+	n.add(a)
+	n.add(b)
+	vip := netip.MustParseAddrPort("10.96.0.10:80")
+	target := netip.AddrPortFrom(b.ip(false), 8080)
+	table := strings.ReplaceAll(n.name, "-", "_") + "_svc"
+	script := fmt.Sprintf("table ip %s {\n chain pre {\n  type nat hook prerouting priority dstnat;\n  ip daddr %s tcp dport %d dnat to %s\n }\n}\n",
+		table, vip.Addr(), vip.Port(), target)
+	cmd := exec.Command("nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(script)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nft: %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("nft", "delete", "table", "ip", table).Run() })
+
+	for i := 0; i < 3; i++ {
+		if err := tcpVia(a.path, b.path, target, vip, nil); err != nil {
+			t.Fatalf("pod -> Service -> local pod, connection %d: %v", i, err)
+		}
+	}
+	if hp := n.inspect()[b.ip(false)].Counters.HostPathPackets; hp == 0 {
+		t.Errorf("no reply of the Service flow took the host path (host_path_packets 0)")
+	}
+	// A direct connection between the same pods stays on the fast path.
+	before := n.inspect()[a.ip(false)].Counters.RedirectPackets
+	if err := tcpVia(a.path, b.path, target, netip.AddrPort{}, nil); err != nil {
+		t.Fatalf("direct connection after the Service ones: %v", err)
+	}
+	if after := n.inspect()[a.ip(false)].Counters.RedirectPackets; after < before+3 {
+		t.Errorf("direct connection redirected %d packets, want >= 3", after-before)
+	}
+	n.del(a)
+	n.del(b)
 }

@@ -9,6 +9,8 @@ package integration
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -83,10 +85,14 @@ var nonAlnum = regexp.MustCompile(`[^a-z0-9]+`)
 
 func newNode(t *testing.T, ipamConf map[string]any) *node {
 	t.Helper()
+	// ebt-<6 letters of the test><3 hex of its full name>: unique per
+	// (sub)test and short enough for "<name>-o" to be an interface name.
 	short := nonAlnum.ReplaceAllString(strings.ToLower(strings.TrimPrefix(t.Name(), "Test")), "")
-	if len(short) > 8 {
-		short = short[:8]
+	if len(short) > 6 {
+		short = short[:6]
 	}
+	sum := sha256.Sum256([]byte(t.Name()))
+	short += hex.EncodeToString(sum[:])[:3]
 	tmp := t.TempDir()
 	n := &node{
 		t:        t,
@@ -277,16 +283,25 @@ func tcp(t *testing.T, src, dst *pod, addr netip.Addr) {
 // checks an echo; seen (when not nil) receives the source address the
 // server saw.
 func tcpExchange(src, dst string, addr netip.Addr, seen *netip.Addr) error {
+	return tcpVia(src, dst, netip.AddrPortFrom(addr, 0), netip.AddrPort{}, seen)
+}
+
+// tcpVia listens on listen in dst and dials dial (the listener's own address
+// when zero) from src, so a NATed address can be dialled.
+func tcpVia(src, dst string, listen, dial netip.AddrPort, seen *netip.Addr) error {
 	var ln net.Listener
 	err := inNS(dst, func() error {
 		var err error
-		ln, err = net.Listen("tcp", netip.AddrPortFrom(addr, 0).String())
+		ln, err = net.Listen("tcp", listen.String())
 		return err
 	})
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
 	defer ln.Close()
+	if !dial.IsValid() {
+		dial = ln.Addr().(*net.TCPAddr).AddrPort()
+	}
 	done := make(chan error, 1)
 	go func() {
 		c, err := ln.Accept()
@@ -305,11 +320,11 @@ func tcpExchange(src, dst string, addr netip.Addr, seen *netip.Addr) error {
 	var c net.Conn
 	err = inNS(src, func() error {
 		var err error
-		c, err = net.DialTimeout("tcp", ln.Addr().String(), 3*time.Second)
+		c, err = net.DialTimeout("tcp", dial.String(), 3*time.Second)
 		return err
 	})
 	if err != nil {
-		return fmt.Errorf("dial %s: %w", ln.Addr(), err)
+		return fmt.Errorf("dial %s: %w", dial, err)
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(5 * time.Second))

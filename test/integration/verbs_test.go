@@ -78,6 +78,10 @@ func TestParallelAdds(t *testing.T) {
 			t.Errorf("%s redirected %d replies, want >= 1", p.ns, got)
 		}
 	}
+	cids := make([]string, pods)
+	for i, p := range ps {
+		cids[i] = p.containerID()
+	}
 	for i, p := range ps {
 		wg.Add(1)
 		go func() {
@@ -90,7 +94,7 @@ func TestParallelAdds(t *testing.T) {
 		if errs[i] != nil {
 			t.Errorf("parallel DEL %d: %v", i, errs[i])
 		}
-		n.assertGone(p.hostVeth(), "", p.ips)
+		n.assertGone(p.hostVeth(), cids[i], p.ips)
 	}
 	if left := n.bpftoolEndpoints(); len(left) != 0 {
 		t.Errorf("endpoints left after DEL of every pod: %v", left)
@@ -143,13 +147,14 @@ func TestDelegatedHostLocal(t *testing.T) {
 	if _, err := n.cnitool("check", a, ""); err != nil {
 		t.Errorf("CHECK through host-local: %v", err)
 	}
+	cids := []string{a.containerID(), b.containerID()}
 	n.del(a)
 	n.del(b)
-	for _, p := range []*pod{a, b} {
+	for i, p := range []*pod{a, b} {
 		if _, err := os.Stat(filepath.Join(dataDir, n.name, p.ip(false).String())); err == nil {
 			t.Errorf("host-local reservation of %s left after DEL", p.ip(false))
 		}
-		n.assertGone(p.hostVeth(), "", p.ips)
+		n.assertGone(p.hostVeth(), cids[i], p.ips)
 	}
 }
 
@@ -195,7 +200,10 @@ func TestIPv6AndDualStack(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			n := newNode(t, map[string]any{"ranges": ranges})
 			n.writeConflist()
-			fwd := newForwardCounter(t, n, ranges[len(ranges)-1][0]["subnet"])
+			var fwds []*forwardCounter
+			for i, set := range ranges {
+				fwds = append(fwds, newForwardCounter(t, n, fmt.Sprint(i), set[0]["subnet"]))
+			}
 			a, b := n.newNS(), n.newNS()
 			n.add(a)
 			n.add(b)
@@ -212,8 +220,10 @@ func TestIPv6AndDualStack(t *testing.T) {
 			if err := tcpExchange("", b.path, b.ip(true), nil); err != nil {
 				t.Errorf("host -> pod over IPv6: %v", err)
 			}
-			if got := fwd.packets(); got != 0 {
-				t.Errorf("%d IPv6 pod packets crossed FORWARD", got)
+			for i, fwd := range fwds {
+				if got := fwd.packets(); got != 0 {
+					t.Errorf("%d pod packets from %s crossed FORWARD", got, ranges[i][0]["subnet"])
+				}
 			}
 			if r := n.inspect()[a.ip(true)].Counters.RedirectPackets; r < 2 {
 				t.Errorf("IPv6 redirect counter %d", r)
@@ -221,10 +231,11 @@ func TestIPv6AndDualStack(t *testing.T) {
 			if _, err := n.cnitool("check", a, ""); err != nil {
 				t.Errorf("CHECK: %v", err)
 			}
+			cidA, cidB := a.containerID(), b.containerID()
 			n.del(a)
 			n.del(b)
-			n.assertGone(a.hostVeth(), "", a.ips)
-			n.assertGone(b.hostVeth(), "", b.ips)
+			n.assertGone(a.hostVeth(), cidA, a.ips)
+			n.assertGone(b.hostVeth(), cidB, b.ips)
 		})
 	}
 }
@@ -268,9 +279,10 @@ func TestLegacyTCAttach(t *testing.T) {
 	if !strings.Contains(string(out), "foreign") || strings.Contains(string(out), "ebpf-cni") {
 		t.Errorf("after detaching ours, filters are:\n%s\nwant the foreign one kept and ours gone", out)
 	}
+	cid := a.containerID()
 	n.del(a)
 	n.del(b)
-	n.assertGone(hv, "", a.ips)
+	n.assertGone(hv, cid, a.ips)
 }
 
 func TestGC(t *testing.T) {
@@ -346,7 +358,6 @@ func TestStatus(t *testing.T) {
 	if e := decodeError(t, out); e.Code != 50 || !strings.Contains(e.Msg, "no free address") {
 		t.Errorf("STATUS error %+v, want code 50 naming the exhausted range", e)
 	}
-	before := hostLinks(t)
 	out, err = n.call("ADD", "st-2", c, n.conf())
 	if err == nil {
 		t.Fatalf("ADD on an exhausted range succeeded: %s", out)
@@ -354,8 +365,8 @@ func TestStatus(t *testing.T) {
 	if e := decodeError(t, out); e.Code != 100 || !strings.Contains(e.Msg, "no free addresses") {
 		t.Errorf("exhausted ADD error %+v, want code 100", e)
 	}
-	if after := hostLinks(t); len(after) != len(before) {
-		t.Errorf("failed ADD left host veths: %v -> %v", before, after)
+	if _, ok := hostLinks(t)[veth.HostName("st-2", "eth0")]; ok {
+		t.Errorf("failed ADD left its host veth")
 	}
 	if out, _ := c.run("ip", "-o", "link"); strings.Contains(string(out), "eth0") {
 		t.Errorf("failed ADD left eth0 in the pod")
