@@ -47,6 +47,11 @@ lint:
 	go vet ./...
 	staticcheck ./...
 
+# Datapath and churn figures side by side with veth, bridge and ptp; writes BENCHMARKS.md.
+bench: deps build
+	go build -o bin/rr ./bench/rr
+	go run ./bench/run -plugin $(BIN) -rr bin/rr -out BENCHMARKS.md $(BENCH_ARGS)
+
 demo: deps build
 	@bash scripts/demo.sh $(BIN)
 
