@@ -183,7 +183,7 @@ static __always_inline void reverse(struct flow_key *out, const struct flow_key 
  * if that pod lives on this node and the flow is not one the host stack
  * must see. Returns TC_ACT_UNSPEC when the host stack should take it. */
 static __always_inline int redirect_local(struct __sk_buff *skb, __be16 proto, void *l3,
-					  struct endpoint_stats *st)
+					  const struct device_info *src, struct endpoint_stats *st)
 {
 	void *data_end = (void *)(long)skb->data_end;
 	struct endpoint_key key = {};
@@ -203,6 +203,13 @@ static __always_inline int redirect_local(struct __sk_buff *skb, __be16 proto, v
 	if (!ep)
 		return TC_ACT_UNSPEC;
 
+	if ((src->flags | ep->flags) & EP_FLAG_SHAPED) {
+		/* A rate limit sits on the host veths' qdiscs, which a peer
+		 * redirect would skip: take the host path through them. */
+		if (st)
+			st->host_path_packets++;
+		return TC_ACT_UNSPEC;
+	}
 	if (bpf_map_lookup_elem(&host_flows_v1, &fk)) {
 		/* A reply of a flow the host delivered (NAT): back through it. */
 		if (st)
@@ -273,7 +280,7 @@ int from_pod(struct __sk_buff *skb)
 		__builtin_memcpy(&want, dev->ipv4, 4);
 		if (!(dev->flags & EP_FLAG_IPV4) || ip->saddr != want)
 			return drop(st, DROP_SPOOFED_IP);
-		return redirect_local(skb, eth->h_proto, ip, st);
+		return redirect_local(skb, eth->h_proto, ip, dev, st);
 	}
 	case bpf_htons(ETH_P_IPV6): {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
@@ -284,7 +291,7 @@ int from_pod(struct __sk_buff *skb)
 			return TC_ACT_UNSPEC;
 		if (!(dev->flags & EP_FLAG_IPV6) || !ipv6_equal(&ip6->saddr, dev->ipv6))
 			return drop(st, DROP_SPOOFED_IP);
-		return redirect_local(skb, eth->h_proto, ip6, st);
+		return redirect_local(skb, eth->h_proto, ip6, dev, st);
 	}
 	case bpf_htons(ETH_P_ARP): {
 		struct arp_eth_ipv4 *body = (void *)(eth + 1);

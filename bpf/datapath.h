@@ -17,6 +17,8 @@
 /* endpoint_info.flags and device_info.flags */
 #define EP_FLAG_IPV4 (1 << 0) /* device_info.ipv4 is set */
 #define EP_FLAG_IPV6 (1 << 1) /* device_info.ipv6 is set */
+#define EP_FLAG_SHAPED (1 << 2) /* rate-limited (bandwidth plugin): traffic to and
+				   from it goes through the host veth's qdiscs */
 
 /* Key of endpoints_v1: a pod address. IPv4 uses addr[0..3], the rest is zero. */
 struct endpoint_key {
@@ -54,7 +56,7 @@ struct endpoint_stats {
 	__u64 drop_spoofed_ip;   /* source IP (or ARP sender IP) is not the pod's */
 	__u64 drop_malformed;    /* truncated IPv4/IPv6/ARP header */
 	__u64 drop_protocol;     /* neither IPv4, IPv6 nor ARP (VLAN tags included) */
-	__u64 host_path_packets; /* to a local pod, sent through the host for a NATed flow */
+	__u64 host_path_packets; /* to a local pod, sent through the host (NATed flow or shaped endpoint) */
 };
 
 /*

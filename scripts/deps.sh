@@ -44,6 +44,18 @@ if ! command -v cnitool >/dev/null 2>&1 && [ ! -x "$gobin/cnitool" ]; then
 	echo "deps: go install cnitool"
 	go install github.com/containernetworking/cni/cnitool@v1.3.0
 fi
+# Current reference plugins for the chaining tests (Debian's 1.1.1 portmap
+# and bandwidth fail CHECK); built from the Go module proxy.
+plugins_dir=/usr/local/lib/ebpf-cni/cni-plugins
+plugins_version=v1.9.0
+if [ ! -x "$plugins_dir/portmap" ] || [ "$(cat "$plugins_dir/VERSION" 2>/dev/null)" != "$plugins_version" ]; then
+	echo "deps: go install reference plugins $plugins_version into $plugins_dir"
+	mkdir -p "$plugins_dir"
+	for p in meta/portmap meta/bandwidth meta/tuning ipam/host-local; do
+		GOBIN="$plugins_dir" go install "github.com/containernetworking/plugins/plugins/$p@$plugins_version"
+	done
+	echo "$plugins_version" > "$plugins_dir/VERSION"
+fi
 if [ "${1:-}" = "--lint" ] && ! command -v staticcheck >/dev/null 2>&1 && [ ! -x "$gobin/staticcheck" ]; then
 	echo "deps: go install staticcheck"
 	go install honnef.co/go/tools/cmd/staticcheck@v0.8.2

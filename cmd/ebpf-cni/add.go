@@ -84,7 +84,7 @@ func cmdAdd(args *skel.CmdArgs) (_ types.Result, retErr error) {
 		}
 	}()
 
-	dev := maps.Device{PodMAC: podMAC, HostMAC: hostMAC}
+	dev := maps.Device{PodMAC: podMAC, HostMAC: hostMAC, Shaped: conf.shaped()}
 	for _, a := range addrs {
 		if a.Is4() {
 			dev.IPv4 = a
@@ -110,7 +110,7 @@ func cmdAdd(args *skel.CmdArgs) (_ types.Result, retErr error) {
 		}
 	}()
 	for _, a := range addrs {
-		if err := m.PutEndpoint(maps.Endpoint{IP: a, Ifindex: host.Index, PodMAC: podMAC, HostMAC: hostMAC}); err != nil {
+		if err := m.PutEndpoint(maps.Endpoint{IP: a, Ifindex: host.Index, PodMAC: podMAC, HostMAC: hostMAC, Shaped: conf.shaped()}); err != nil {
 			return nil, err
 		}
 		defer func() {

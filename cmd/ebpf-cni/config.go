@@ -38,11 +38,33 @@ type NetConf struct {
 	LogFile    string `json:"logFile,omitempty"`
 	Attach     string `json:"attach,omitempty"`
 
+	// RuntimeConfig carries the capabilities the conflist declares for us.
+	// Keys match case-insensitively (containerd sends Go field names).
+	RuntimeConfig struct {
+		Bandwidth *bandwidth `json:"bandwidth,omitempty"`
+	} `json:"runtimeConfig,omitempty"`
+
 	IPAMConf IPAMConf `json:"-"`
 
 	builtin bool            // the built-in IPAM serves this network
 	sets    []ipam.RangeSet // validated ranges of the built-in IPAM
 	routes  []netip.Prefix  // pod routes of the built-in IPAM
+}
+
+// bandwidth is the "bandwidth" capability (rates in bit/s), as the
+// bandwidth plugin reads it.
+type bandwidth struct {
+	IngressRate  uint64 `json:"ingressRate"`
+	IngressBurst uint64 `json:"ingressBurst"`
+	EgressRate   uint64 `json:"egressRate"`
+	EgressBurst  uint64 `json:"egressBurst"`
+}
+
+// shaped reports whether the attachment is rate-limited: its traffic must
+// then pass the host veth's qdiscs, where the bandwidth plugin shapes.
+func (c *NetConf) shaped() bool {
+	b := c.RuntimeConfig.Bandwidth
+	return b != nil && (b.IngressRate > 0 || b.EgressRate > 0)
 }
 
 // IPAMConf is the host-local-shaped ipam section the built-in IPAM reads.

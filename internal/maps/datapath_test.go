@@ -325,3 +325,30 @@ func TestHostPathFlows(t *testing.T) {
 		t.Errorf("reply after a direct SYN reused the ports: verdict %d, want redirect", int32(got))
 	}
 }
+
+// A rate-limited endpoint (bandwidth plugin) is reached through the host,
+// whose qdiscs enforce the limit, in both directions.
+func TestShapedEndpointsTakeTheHostPath(t *testing.T) {
+	objs, m := load(t)
+	if got, _ := run(t, objs.FromPod, ipv4Frame(podMAC, podIP, peerIP)); got != actRedirect {
+		t.Fatalf("unshaped: verdict %d, want redirect", int32(got))
+	}
+	if err := m.PutEndpoint(maps.Endpoint{IP: peerIP, Ifindex: 42, PodMAC: peerPod, HostMAC: peerHost, Shaped: true}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := run(t, objs.FromPod, ipv4Frame(podMAC, podIP, peerIP)); got != actUnspec {
+		t.Errorf("to a shaped pod: verdict %d, want the host path", int32(got))
+	}
+	if err := m.PutEndpoint(maps.Endpoint{IP: peerIP, Ifindex: 42, PodMAC: peerPod, HostMAC: peerHost}); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.PutDevice(testIfindex, maps.Device{PodMAC: podMAC, HostMAC: hostMAC, IPv4: podIP, Shaped: true}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := run(t, objs.FromPod, ipv4Frame(podMAC, podIP, peerIP)); got != actUnspec {
+		t.Errorf("from a shaped pod: verdict %d, want the host path", int32(got))
+	}
+	if s, _ := m.Stats(testIfindex); s.HostPathPackets != 1 {
+		t.Errorf("host_path_packets = %d, want 1 (counters reset by PutDevice)", s.HostPathPackets)
+	}
+}

@@ -71,6 +71,7 @@ type Endpoint struct {
 	Ifindex int
 	PodMAC  net.HardwareAddr
 	HostMAC net.HardwareAddr
+	Shaped  bool // rate-limited: reached through the host veth's qdiscs
 }
 
 // Device is one entry of devices_v1: what the pod behind a host veth may send.
@@ -79,6 +80,7 @@ type Device struct {
 	HostMAC net.HardwareAddr
 	IPv4    netip.Addr // zero when the pod has none
 	IPv6    netip.Addr
+	Shaped  bool // rate-limited: what it sends goes through the host veth's qdiscs
 }
 
 // Stats are an endpoint's counters, summed over CPUs.
@@ -89,6 +91,7 @@ const (
 	familyIPv6 = 6
 	flagIPv4   = 1 << 0
 	flagIPv6   = 1 << 1
+	flagShaped = 1 << 2
 )
 
 func endpointKey(ip netip.Addr) loader.DatapathEndpointKey {
@@ -136,6 +139,9 @@ func (m *Maps) PutEndpoint(ep Endpoint) error {
 	if ep.IP.Unmap().Is4() {
 		flags = flagIPv4
 	}
+	if ep.Shaped {
+		flags |= flagShaped
+	}
 	k := endpointKey(ep.IP)
 	v := loader.DatapathEndpointInfo{Ifindex: uint32(ep.Ifindex), PodMac: pod, HostMac: host, Flags: flags}
 	err = m.endpoints.Update(&k, &v, ebpf.UpdateNoExist)
@@ -171,6 +177,7 @@ func toEndpoint(k loader.DatapathEndpointKey, v loader.DatapathEndpointInfo) End
 		Ifindex: int(v.Ifindex),
 		PodMAC:  net.HardwareAddr(v.PodMac[:]),
 		HostMAC: net.HardwareAddr(v.HostMac[:]),
+		Shaped:  v.Flags&flagShaped != 0,
 	}
 }
 
@@ -223,6 +230,9 @@ func (m *Maps) PutDevice(ifindex int, d Device) error {
 		return err
 	}
 	v := loader.DatapathDeviceInfo{PodMac: pod, HostMac: host}
+	if d.Shaped {
+		v.Flags |= flagShaped
+	}
 	if d.IPv4.IsValid() {
 		v.Flags |= flagIPv4
 		v.Ipv4 = d.IPv4.As4()
@@ -256,7 +266,7 @@ func (m *Maps) Device(ifindex int) (Device, error) {
 }
 
 func toDevice(v loader.DatapathDeviceInfo) Device {
-	d := Device{PodMAC: net.HardwareAddr(v.PodMac[:]), HostMAC: net.HardwareAddr(v.HostMac[:])}
+	d := Device{PodMAC: net.HardwareAddr(v.PodMac[:]), HostMAC: net.HardwareAddr(v.HostMac[:]), Shaped: v.Flags&flagShaped != 0}
 	if v.Flags&flagIPv4 != 0 {
 		d.IPv4 = netip.AddrFrom4(v.Ipv4)
 	}

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 )
 
@@ -102,7 +103,7 @@ func hostRoute(t *testing.T, a netip.Addr) string {
 	if a.Is6() {
 		fam = netlink.FAMILY_V6
 	}
-	routes, err := netlink.RouteList(nil, fam)
+	routes, err := netlinksafe.RouteList(nil, fam)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -24,8 +24,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/vishvananda/netlink"
 
 	"github.com/ebpf-cni/ebpf-cni/internal/nat"
 )
@@ -77,6 +77,7 @@ type node struct {
 	ipamDir  string
 	confDir  string
 	version  string
+	cniPath  string         // where cnitool finds plugins
 	plugin   map[string]any // the ebpf-cni plugin's config
 	netns    int
 }
@@ -102,6 +103,7 @@ func newNode(t *testing.T, ipamConf map[string]any) *node {
 		ipamDir:  filepath.Join(tmp, "ipam"),
 		confDir:  filepath.Join(tmp, "net.d"),
 		version:  "1.1.0",
+		cniPath:  cniPath,
 	}
 	if ipamConf == nil {
 		ipamConf = map[string]any{"ranges": [][]map[string]string{{{"subnet": "10.250.0.0/24"}}}}
@@ -197,11 +199,16 @@ type pod struct {
 
 // cnitool runs `cnitool verb network netns` with the node's conflist.
 func (n *node) cnitool(verb string, p *pod, cniArgs string) ([]byte, error) {
-	cmd := exec.Command(cnitool, verb, n.name, p.path)
-	cmd.Env = append(os.Environ(), "CNI_PATH="+cniPath, "NETCONFPATH="+n.confDir)
 	if cniArgs != "" {
-		cmd.Env = append(cmd.Env, "CNI_ARGS="+cniArgs)
+		return n.cnitoolEnv(verb, p, "CNI_ARGS="+cniArgs)
 	}
+	return n.cnitoolEnv(verb, p)
+}
+
+// cnitoolEnv is cnitool with extra environment (CNI_ARGS, CAP_ARGS).
+func (n *node) cnitoolEnv(verb string, p *pod, env ...string) ([]byte, error) {
+	cmd := exec.Command(cnitool, verb, n.name, p.path)
+	cmd.Env = append(append(os.Environ(), "CNI_PATH="+n.cniPath, "NETCONFPATH="+n.confDir), env...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
@@ -394,7 +401,7 @@ func decodeError(t *testing.T, out []byte) cniError {
 // hostLinks returns the names of ebpf-cni host veths in the host namespace.
 func hostLinks(t *testing.T) map[string]int {
 	t.Helper()
-	links, err := netlink.LinkList()
+	links, err := netlinksafe.LinkList()
 	if err != nil {
 		t.Fatal(err)
 	}
