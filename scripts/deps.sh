@@ -25,6 +25,10 @@ for cmd in "${!pkgs[@]}"; do
 done
 [ -f /usr/include/bpf/bpf_helpers.h ] || missing+=(libbpf-dev)
 [ -x /usr/lib/cni/host-local ] || missing+=(containernetworking-plugins)
+if [ "${1:-}" = "--e2e" ]; then
+	command -v containerd >/dev/null 2>&1 || missing+=(containerd)
+	command -v runc >/dev/null 2>&1 || missing+=(runc)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
 	mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)

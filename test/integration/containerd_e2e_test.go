@@ -1,0 +1,332 @@
+//go:build e2e
+
+package integration
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/veth"
+)
+
+// pauseImage is built locally (test/e2e/pause packed by tools/ociimage): no
+// registry is reachable.
+const pauseImage = "localhost/ebpf-cni/pause:e2e"
+
+// containerd is a private containerd (own root, state and socket) whose CRI
+// plugin uses ebpf-cni from the node's conflist, driven through CRI.
+type containerd struct {
+	t      *testing.T
+	dir    string
+	sock   string
+	cmd    *exec.Cmd
+	conn   *grpc.ClientConn
+	client runtimeapi.RuntimeServiceClient
+}
+
+func startContainerd(t *testing.T, n *node) *containerd {
+	t.Helper()
+	for _, bin := range []string{"containerd", "ctr", "runc"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Fatalf("%s not installed: run `make e2e` (it installs containerd and runc)", bin)
+		}
+	}
+	dir, err := os.MkdirTemp("", "ebt-ctrd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &containerd{t: t, dir: dir, sock: filepath.Join(dir, "containerd.sock")}
+	t.Cleanup(c.stop)
+
+	// The CNI bin dir: ebpf-cni and the loopback plugin containerd calls first.
+	bin := filepath.Join(dir, "bin")
+	os.MkdirAll(bin, 0o755)
+	if err := os.Symlink(filepath.Join(binDir, "ebpf-cni"), filepath.Join(bin, "ebpf-cni")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("/usr/lib/cni/loopback", filepath.Join(bin, "loopback")); err != nil {
+		t.Fatal(err)
+	}
+	image := buildPauseImage(t, dir)
+
+	config := fmt.Sprintf(`version = 2
+root = %q
+state = %q
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+[grpc]
+  address = %q
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = %q
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = %q
+    conf_dir = %q
+    max_conf_num = 1
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.sock, pauseImage, bin, n.confDir)
+	cfg := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfg, []byte(config), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	logf, err := os.Create(filepath.Join(dir, "containerd.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.cmd = exec.Command("containerd", "--config", cfg)
+	c.cmd.Stdout, c.cmd.Stderr = logf, logf
+	if err := c.cmd.Start(); err != nil {
+		t.Fatalf("start containerd: %v", err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := os.Stat(c.sock); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("containerd did not start; log:\n%s", c.log())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if out, err := exec.Command("ctr", "--address", c.sock, "-n", "k8s.io", "images", "import", image).CombinedOutput(); err != nil {
+		t.Fatalf("ctr images import: %v: %s", err, out)
+	}
+	c.conn, err = grpc.NewClient("unix://"+c.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.client = runtimeapi.NewRuntimeServiceClient(c.conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for {
+		st, err := c.client.Status(ctx, &runtimeapi.StatusRequest{})
+		if err == nil && networkReady(st) {
+			return c
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("CRI not ready: %v %v; log:\n%s", err, st, c.log())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func networkReady(st *runtimeapi.StatusResponse) bool {
+	for _, c := range st.GetStatus().GetConditions() {
+		if c.Type == runtimeapi.NetworkReady {
+			return c.Status
+		}
+	}
+	return false
+}
+
+// buildPauseImage builds the static pause binary and packs it as an OCI
+// image archive.
+func buildPauseImage(t *testing.T, dir string) string {
+	t.Helper()
+	pause := filepath.Join(dir, "pause")
+	build := exec.Command("go", "build", "-o", pause, "../e2e/pause")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build pause: %v: %s", err, out)
+	}
+	image := filepath.Join(dir, "pause.tar")
+	pack := exec.Command("go", "run", "../../tools/ociimage", "-o", image, "-name", pauseImage, "-entrypoint", "/pause", "-file", "/pause="+pause)
+	if out, err := pack.CombinedOutput(); err != nil {
+		t.Fatalf("pack pause image: %v: %s", err, out)
+	}
+	return image
+}
+
+func (c *containerd) log() string {
+	b, _ := os.ReadFile(filepath.Join(c.dir, "containerd.log"))
+	return string(tail(b, 4096))
+}
+
+func (c *containerd) stop() {
+	if c.conn != nil {
+		// Remove whatever sandboxes a failed test left, so DEL runs.
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		if list, err := c.client.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{}); err == nil {
+			for _, s := range list.Items {
+				c.client.StopPodSandbox(ctx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: s.Id})
+				c.client.RemovePodSandbox(ctx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: s.Id})
+			}
+		}
+		cancel()
+		c.conn.Close()
+	}
+	if c.cmd != nil && c.cmd.Process != nil {
+		c.cmd.Process.Signal(os.Interrupt)
+		done := make(chan error, 1)
+		go func() { done <- c.cmd.Wait() }()
+		select {
+		case <-done:
+		case <-time.After(15 * time.Second):
+			c.cmd.Process.Kill()
+			<-done
+		}
+	}
+	// containerd leaves its shm and rootfs mounts behind when it stops.
+	if f, err := os.Open("/proc/self/mountinfo"); err == nil {
+		var mounts []string
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if fields := strings.Fields(sc.Text()); len(fields) > 4 && strings.HasPrefix(fields[4], c.dir) {
+				mounts = append(mounts, fields[4])
+			}
+		}
+		f.Close()
+		for i := len(mounts) - 1; i >= 0; i-- {
+			exec.Command("umount", "-l", mounts[i]).Run()
+		}
+	}
+	if c.t.Failed() {
+		c.t.Logf("containerd log (tail):\n%s", c.log())
+	}
+	os.RemoveAll(c.dir)
+}
+
+// sandbox is a pod sandbox run through CRI.
+type sandbox struct {
+	id    string
+	netns string
+	ip    netip.Addr
+}
+
+func (c *containerd) runSandbox(ns, name string) *sandbox {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	logDir := filepath.Join(c.dir, "logs", name)
+	os.MkdirAll(logDir, 0o755)
+	resp, err := c.client.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: &runtimeapi.PodSandboxConfig{
+		Metadata:     &runtimeapi.PodSandboxMetadata{Name: name, Namespace: ns, Uid: "uid-" + name, Attempt: 0},
+		Hostname:     name,
+		LogDirectory: logDir,
+		Linux:        &runtimeapi.LinuxPodSandboxConfig{},
+	}})
+	if err != nil {
+		c.t.Fatalf("RunPodSandbox %s/%s: %v\n%s", ns, name, err, c.log())
+	}
+	st, err := c.client.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: resp.PodSandboxId, Verbose: true})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	sb := &sandbox{id: resp.PodSandboxId}
+	if sb.ip, err = netip.ParseAddr(st.Status.GetNetwork().GetIp()); err != nil {
+		c.t.Fatalf("sandbox %s has no IP: %v", name, err)
+	}
+	var info struct {
+		RuntimeSpec struct {
+			Linux struct {
+				Namespaces []struct {
+					Type string `json:"type"`
+					Path string `json:"path"`
+				} `json:"namespaces"`
+			} `json:"linux"`
+		} `json:"runtimeSpec"`
+	}
+	if err := json.Unmarshal([]byte(st.Info["info"]), &info); err != nil {
+		c.t.Fatalf("verbose sandbox info: %v", err)
+	}
+	for _, n := range info.RuntimeSpec.Linux.Namespaces {
+		if n.Type == "network" {
+			sb.netns = n.Path
+		}
+	}
+	if sb.netns == "" {
+		c.t.Fatalf("no network namespace in the sandbox's runtime spec")
+	}
+	return sb
+}
+
+func (c *containerd) stopAndRemove(sb *sandbox) {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if _, err := c.client.StopPodSandbox(ctx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: sb.id}); err != nil {
+		c.t.Fatalf("StopPodSandbox: %v", err)
+	}
+	if _, err := c.client.RemovePodSandbox(ctx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: sb.id}); err != nil {
+		c.t.Fatalf("RemovePodSandbox: %v", err)
+	}
+}
+
+// callsOf counts the plugin log's entries of a command for a container.
+func (n *node) callsOf(command, containerID string) int {
+	b, _ := os.ReadFile(n.plugin["logFile"].(string))
+	count := 0
+	for _, line := range strings.Split(string(b), "\n") {
+		var e struct {
+			Command string            `json:"command"`
+			Env     map[string]string `json:"env"`
+		}
+		if json.Unmarshal([]byte(line), &e) == nil && e.Command == command && e.Env["CNI_CONTAINERID"] == containerID {
+			count++
+		}
+	}
+	return count
+}
+
+// containerd 1.6's CRI drives ebpf-cni unchanged: sandboxes get addresses,
+// talk through the BPF redirect, carry their Kubernetes names, and leave
+// nothing behind once stopped and removed (containerd DELs twice).
+func TestContainerdCRI(t *testing.T) {
+	n := newNode(t, nil)
+	n.version = "1.0.0" // containerd 1.6 refuses 1.1.0 results
+	n.writeConflist()
+	fwd := newForwardCounter(t, n, "", "10.250.0.0/24")
+	c := startContainerd(t, n)
+
+	a := c.runSandbox("e2e", "web-1")
+	b := c.runSandbox("e2e", "web-2")
+	t.Logf("sandboxes %s (%s, %s) and %s (%s, %s)", a.id[:12], a.ip, a.netns, b.id[:12], b.ip, b.netns)
+	if err := tcpExchange(a.netns, b.netns, b.ip, nil); err != nil {
+		t.Errorf("sandbox a -> b: %v", err)
+	}
+	if err := tcpExchange(b.netns, a.netns, a.ip, nil); err != nil {
+		t.Errorf("sandbox b -> a: %v", err)
+	}
+	if err := tcpExchange("", a.netns, a.ip, nil); err != nil {
+		t.Errorf("host -> sandbox: %v", err)
+	}
+	eps := n.inspect()
+	for _, s := range []struct {
+		sb   *sandbox
+		name string
+	}{{a, "web-1"}, {b, "web-2"}} {
+		e := eps[s.sb.ip]
+		if e.PodNamespace != "e2e" || e.PodName != s.name || e.ContainerID != s.sb.id {
+			t.Errorf("inspect of %s: %s/%s container %s, want e2e/%s %s", s.sb.ip, e.PodNamespace, e.PodName, e.ContainerID, s.name, s.sb.id)
+		}
+		if e.Counters.RedirectPackets == 0 {
+			t.Errorf("%s: no packet took the BPF redirect", s.name)
+		}
+	}
+	if got := fwd.packets(); got != 0 {
+		t.Errorf("%d sandbox packets crossed the host FORWARD hook", got)
+	}
+	for _, sb := range []*sandbox{a, b} {
+		c.stopAndRemove(sb)
+		n.assertGone(veth.HostName(sb.id, "eth0"), sb.id, []netip.Addr{sb.ip})
+		if got := n.callsOf("DEL", sb.id); got < 2 {
+			t.Errorf("containerd sent %d DELs for %s, expected stop and remove to both DEL", got, sb.id[:12])
+		}
+	}
+}
