@@ -28,6 +28,7 @@ done
 if [ "${1:-}" = "--e2e" ]; then
 	command -v containerd >/dev/null 2>&1 || missing+=(containerd)
 	command -v runc >/dev/null 2>&1 || missing+=(runc)
+	command -v podman >/dev/null 2>&1 || missing+=(podman)
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then
