@@ -3,7 +3,7 @@ module github.com/ebpf-cni/ebpf-cni
 go 1.26.0
 
 require (
-	github.com/cilium/ebpf v0.22.0
+	github.com/cilium/ebpf v0.21.0
 	github.com/containernetworking/cni v1.3.0
 	github.com/containernetworking/plugins v1.9.0
 	github.com/google/nftables v0.3.0

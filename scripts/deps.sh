@@ -24,6 +24,7 @@ for cmd in "${!pkgs[@]}"; do
 	command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkgs[$cmd]}")
 done
 [ -f /usr/include/bpf/bpf_helpers.h ] || missing+=(libbpf-dev)
+[ -x /usr/bin/time ] || missing+=(time)
 [ -x /usr/lib/cni/host-local ] || missing+=(containernetworking-plugins)
 if [ "${1:-}" = "--e2e" ]; then
 	command -v containerd >/dev/null 2>&1 || missing+=(containerd)

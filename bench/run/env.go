@@ -8,9 +8,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 )
 
@@ -158,17 +158,31 @@ func (e *env) cnitoolRun(verb string, n *network, ns string) ([]byte, time.Durat
 }
 
 // direct runs the plugin binary like a runtime does and returns its max RSS
-// in KiB (the plugin process itself, not delegated IPAM children).
+// in KiB (the plugin process itself, not delegated IPAM children). It goes
+// through GNU time: a child exec'd straight from this Go process inherits
+// this process's RSS high-water mark (vfork shares the address space), so
+// its own rusage would report ours.
 func (e *env) direct(bin, verb, cid, ns string, stdin []byte) (int64, error) {
-	cmd := exec.Command(bin)
+	cmd := exec.Command("/usr/bin/time", "-f", "maxrss %M", bin)
 	cmd.Env = []string{"CNI_COMMAND=" + verb, "CNI_CONTAINERID=" + cid, "CNI_IFNAME=eth0",
 		"CNI_NETNS=/var/run/netns/" + ns, "CNI_PATH=" + e.cniPath, "PATH=" + os.Getenv("PATH")}
 	cmd.Stdin = bytes.NewReader(stdin)
-	out, err := cmd.CombinedOutput()
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
 	if err != nil {
-		return 0, fmt.Errorf("%s %s: %v: %s", filepath.Base(bin), verb, err, out)
+		return 0, fmt.Errorf("%s %s: %v: %s%s", filepath.Base(bin), verb, err, out, stderr.Bytes())
 	}
-	return cmd.ProcessState.SysUsage().(*syscall.Rusage).Maxrss, nil
+	var kib int64
+	for _, line := range strings.Split(stderr.String(), "\n") {
+		if v, ok := strings.CutPrefix(line, "maxrss "); ok {
+			kib, err = strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	if kib == 0 || err != nil {
+		return 0, fmt.Errorf("no max RSS from /usr/bin/time: %v: %s", err, stderr.Bytes())
+	}
+	return kib, nil
 }
 
 // run executes a command inside a namespace.

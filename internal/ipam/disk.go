@@ -85,7 +85,7 @@ func (s *DiskStore) Reserve(rec Record, rangeID string) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("reserve %s: encode record: %w", rec.IP, err)
 	}
-	tmp, err := s.writeTemp(data)
+	tmp, err := s.writeTemp(data, true)
 	if err != nil {
 		return false, fmt.Errorf("reserve %s: %w", rec.IP, err)
 	}
@@ -121,16 +121,16 @@ func (s *DiskStore) Reserve(rec Record, rangeID string) (bool, error) {
 	return true, nil
 }
 
-// writeTemp writes data to a new fsynced temp file in the store's directory
-// and returns its path.
-func (s *DiskStore) writeTemp(data []byte) (string, error) {
+// writeTemp writes data to a new temp file in the store's directory (fsynced
+// when sync is set) and returns its path.
+func (s *DiskStore) writeTemp(data []byte, sync bool) (string, error) {
 	f, err := os.CreateTemp(s.dir, tempPattern)
 	if err != nil {
 		return "", fmt.Errorf("create temp file: %w", err)
 	}
 	name := f.Name()
 	_, err = f.Write(data)
-	if err == nil {
+	if err == nil && sync {
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
@@ -143,9 +143,12 @@ func (s *DiskStore) writeTemp(data []byte) (string, error) {
 	return name, nil
 }
 
-// writeFile atomically replaces path with data.
+// writeFile atomically replaces path with data, without an fsync: it keeps
+// the owner index and the last reserved address, which a crash may roll back
+// (a reservation whose owner index is lost is released by GC; a stale last
+// address only changes where round-robin resumes). Records are fsynced.
 func (s *DiskStore) writeFile(path string, data []byte) error {
-	tmp, err := s.writeTemp(data)
+	tmp, err := s.writeTemp(data, false)
 	if err != nil {
 		return err
 	}

@@ -68,24 +68,6 @@ type DatapathFlowKey struct {
 	Pad    [2]uint8
 }
 
-// Names of all BPF objects in the ELF.
-//
-// Used for safe lookups in a Collection or CollectionSpec.
-const (
-	DatapathMapDevicesV1           = "devices_v1"
-	DatapathMapEndpointsV1         = "endpoints_v1"
-	DatapathMapEpStatsV1           = "ep_stats_v1"
-	DatapathMapHostFlowsV1         = "host_flows_v1"
-	DatapathProgFromPod            = "from_pod"
-	DatapathProgToPod              = "to_pod"
-	DatapathVarUnusedDeviceInfo    = "unused_device_info"
-	DatapathVarUnusedEndpointInfo  = "unused_endpoint_info"
-	DatapathVarUnusedEndpointKey   = "unused_endpoint_key"
-	DatapathVarUnusedEndpointStats = "unused_endpoint_stats"
-	DatapathVarUnusedFlowInfo      = "unused_flow_info"
-	DatapathVarUnusedFlowKey       = "unused_flow_key"
-)
-
 // LoadDatapath returns the embedded CollectionSpec for Datapath.
 func LoadDatapath() (*ebpf.CollectionSpec, error) {
 	reader := bytes.NewReader(_DatapathBytes)
@@ -106,7 +88,7 @@ func LoadDatapath() (*ebpf.CollectionSpec, error) {
 //	*DatapathMaps
 //
 // See ebpf.CollectionSpec.LoadAndAssign documentation for details.
-func LoadDatapathObjects(obj any, opts *ebpf.CollectionOptions) error {
+func LoadDatapathObjects(obj interface{}, opts *ebpf.CollectionOptions) error {
 	spec, err := LoadDatapath()
 	if err != nil {
 		return err

@@ -93,7 +93,7 @@ func Ensure(root string) (*Programs, error) {
 
 // mapsPinned reports whether every map of this build is pinned under root.
 func mapsPinned(root string) bool {
-	for _, name := range []string{DatapathMapEndpointsV1, DatapathMapDevicesV1, DatapathMapEpStatsV1, DatapathMapHostFlowsV1} {
+	for _, name := range []string{MapEndpoints, MapDevices, MapStats, MapHostFlows} {
 		if _, err := os.Stat(filepath.Join(root, name)); err != nil {
 			return false
 		}
@@ -104,14 +104,14 @@ func mapsPinned(root string) bool {
 // Open loads this build's pinned programs; ErrNotLoaded when absent.
 func Open(root string) (*Programs, error) {
 	dir := progDir(root)
-	from, err := ebpf.LoadPinnedProgram(filepath.Join(dir, DatapathProgFromPod), nil)
+	from, err := ebpf.LoadPinnedProgram(filepath.Join(dir, ProgFromPod), nil)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("%s: %w", dir, ErrNotLoaded)
 		}
 		return nil, fmt.Errorf("load pinned program from_pod: %w", err)
 	}
-	to, err := ebpf.LoadPinnedProgram(filepath.Join(dir, DatapathProgToPod), nil)
+	to, err := ebpf.LoadPinnedProgram(filepath.Join(dir, ProgToPod), nil)
 	if err != nil {
 		from.Close()
 		if errors.Is(err, os.ErrNotExist) {
@@ -142,8 +142,8 @@ func create(root string) (*Programs, error) {
 		return nil, fmt.Errorf("create %s: %w", dir, err)
 	}
 	for name, prog := range map[string]*ebpf.Program{
-		DatapathProgFromPod: objs.FromPod,
-		DatapathProgToPod:   objs.ToPod,
+		ProgFromPod: objs.FromPod,
+		ProgToPod:   objs.ToPod,
 	} {
 		if err := prog.Pin(filepath.Join(dir, name)); err != nil {
 			objs.DatapathPrograms.Close()

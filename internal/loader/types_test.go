@@ -87,10 +87,10 @@ func TestMapSizes(t *testing.T) {
 		name       string
 		key, value any
 	}{
-		{DatapathMapEndpointsV1, DatapathEndpointKey{}, DatapathEndpointInfo{}},
-		{DatapathMapDevicesV1, uint32(0), DatapathDeviceInfo{}},
-		{DatapathMapEpStatsV1, uint32(0), DatapathEndpointStats{}},
-		{DatapathMapHostFlowsV1, DatapathFlowKey{}, DatapathFlowInfo{}},
+		{MapEndpoints, DatapathEndpointKey{}, DatapathEndpointInfo{}},
+		{MapDevices, uint32(0), DatapathDeviceInfo{}},
+		{MapStats, uint32(0), DatapathEndpointStats{}},
+		{MapHostFlows, DatapathFlowKey{}, DatapathFlowInfo{}},
 	}
 	var pinned []string
 	for name, m := range spec.Maps {
@@ -137,5 +137,23 @@ func goName(c string) string {
 func TestTag(t *testing.T) {
 	if !regexp.MustCompile(`^[0-9a-f]{12}$`).MatchString(Tag) {
 		t.Errorf("Tag = %q, want 12 lowercase hex characters", Tag)
+	}
+}
+
+// The names internal/maps and the loader open must be in the object.
+func TestNames(t *testing.T) {
+	spec, err := LoadDatapath()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range []string{MapEndpoints, MapDevices, MapStats, MapHostFlows} {
+		if _, ok := spec.Maps[m]; !ok {
+			t.Errorf("no map %s in the object", m)
+		}
+	}
+	for _, p := range []string{ProgFromPod, ProgToPod} {
+		if _, ok := spec.Programs[p]; !ok {
+			t.Errorf("no program %s in the object", p)
+		}
 	}
 }

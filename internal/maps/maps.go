@@ -39,7 +39,7 @@ type Maps struct {
 // no ADD has created them yet.
 func Open(root string) (*Maps, error) {
 	var ms []*ebpf.Map
-	for _, name := range []string{loader.DatapathMapEndpointsV1, loader.DatapathMapDevicesV1, loader.DatapathMapEpStatsV1} {
+	for _, name := range []string{loader.MapEndpoints, loader.MapDevices, loader.MapStats} {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(root, name), nil)
 		if err != nil {
 			for _, o := range ms {
