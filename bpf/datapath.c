@@ -210,13 +210,13 @@ static __always_inline int redirect_local(struct __sk_buff *skb, __be16 proto, v
 			st->host_path_packets++;
 		return TC_ACT_UNSPEC;
 	}
-	if (bpf_map_lookup_elem(&host_flows_v1, &fk)) {
+	if ((src->flags & EP_FLAG_HOST_FLOWS) && bpf_map_lookup_elem(&host_flows_v1, &fk)) {
 		/* A reply of a flow the host delivered (NAT): back through it. */
 		if (st)
 			st->host_path_packets++;
 		return TC_ACT_UNSPEC;
 	}
-	if ((flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+	if ((ep->flags & EP_FLAG_HOST_FLOWS) && (flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
 		/* A new direct connection: forget a host-path flow that had the
 		 * same ports, or its replies would go the wrong way. */
 		struct flow_key rev = {};
@@ -341,9 +341,19 @@ int to_pod(struct __sk_buff *skb)
 	if (bpf_map_lookup_elem(&endpoints_v1, &key)) {
 		struct flow_key rev = {};
 		struct flow_info fi = {.seen_ns = bpf_ktime_get_ns()};
+		struct device_info *dev = bpf_map_lookup_elem(&devices_v1, &ifindex);
+		struct endpoint_info *self;
 
 		reverse(&rev, &fk);
 		bpf_map_update_elem(&host_flows_v1, &rev, &fi, BPF_ANY);
+		/* Flag this pod, so from_pod looks its flows up from now on (as
+		 * the sender of replies, and as the target of new SYNs). */
+		if (dev && !(dev->flags & EP_FLAG_HOST_FLOWS))
+			dev->flags |= EP_FLAG_HOST_FLOWS; /* only ever set: no atomic needed */
+		__builtin_memcpy(key.addr, fk.daddr, 16);
+		self = bpf_map_lookup_elem(&endpoints_v1, &key);
+		if (self && !(self->flags & EP_FLAG_HOST_FLOWS))
+			self->flags |= EP_FLAG_HOST_FLOWS;
 	}
 	return TC_ACT_UNSPEC;
 }

@@ -19,6 +19,8 @@
 #define EP_FLAG_IPV6 (1 << 1) /* device_info.ipv6 is set */
 #define EP_FLAG_SHAPED (1 << 2) /* rate-limited (bandwidth plugin): traffic to and
 				   from it goes through the host veth's qdiscs */
+#define EP_FLAG_HOST_FLOWS (1 << 3) /* set by to_pod once host_flows_v1 holds a
+				       flow of this pod: only then from_pod looks */
 
 /* Key of endpoints_v1: a pod address. IPv4 uses addr[0..3], the rest is zero. */
 struct endpoint_key {

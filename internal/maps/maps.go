@@ -33,13 +33,14 @@ type Maps struct {
 	endpoints *ebpf.Map
 	devices   *ebpf.Map
 	stats     *ebpf.Map
+	hostFlows *ebpf.Map
 }
 
 // Open opens the maps pinned under root. It wraps loader.ErrNotLoaded when
 // no ADD has created them yet.
 func Open(root string) (*Maps, error) {
 	var ms []*ebpf.Map
-	for _, name := range []string{loader.MapEndpoints, loader.MapDevices, loader.MapStats} {
+	for _, name := range []string{loader.MapEndpoints, loader.MapDevices, loader.MapStats, loader.MapHostFlows} {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(root, name), nil)
 		if err != nil {
 			for _, o := range ms {
@@ -52,17 +53,17 @@ func Open(root string) (*Maps, error) {
 		}
 		ms = append(ms, m)
 	}
-	return &Maps{endpoints: ms[0], devices: ms[1], stats: ms[2]}, nil
+	return &Maps{endpoints: ms[0], devices: ms[1], stats: ms[2], hostFlows: ms[3]}, nil
 }
 
 // FromObjects wraps the maps of an unpinned load (tests of the programs).
 func FromObjects(objs *loader.DatapathObjects) *Maps {
-	return &Maps{endpoints: objs.EndpointsV1, devices: objs.DevicesV1, stats: objs.EpStatsV1}
+	return &Maps{endpoints: objs.EndpointsV1, devices: objs.DevicesV1, stats: objs.EpStatsV1, hostFlows: objs.HostFlowsV1}
 }
 
 // Close releases the handles; the pins keep the maps.
 func (m *Maps) Close() error {
-	return errors.Join(m.endpoints.Close(), m.devices.Close(), m.stats.Close())
+	return errors.Join(m.endpoints.Close(), m.devices.Close(), m.stats.Close(), m.hostFlows.Close())
 }
 
 // Endpoint is one entry of endpoints_v1: where a pod address lives.
@@ -81,17 +82,21 @@ type Device struct {
 	IPv4    netip.Addr // zero when the pod has none
 	IPv6    netip.Addr
 	Shaped  bool // rate-limited: what it sends goes through the host veth's qdiscs
+	// HostFlows is set by to_pod once the pod received a host-delivered
+	// flow from a local pod; from_pod only then looks up host_flows_v1.
+	HostFlows bool
 }
 
 // Stats are an endpoint's counters, summed over CPUs.
 type Stats = loader.DatapathEndpointStats
 
 const (
-	familyIPv4 = 4
-	familyIPv6 = 6
-	flagIPv4   = 1 << 0
-	flagIPv6   = 1 << 1
-	flagShaped = 1 << 2
+	familyIPv4    = 4
+	familyIPv6    = 6
+	flagIPv4      = 1 << 0
+	flagIPv6      = 1 << 1
+	flagShaped    = 1 << 2
+	flagHostFlows = 1 << 3
 )
 
 func endpointKey(ip netip.Addr) loader.DatapathEndpointKey {
@@ -266,7 +271,7 @@ func (m *Maps) Device(ifindex int) (Device, error) {
 }
 
 func toDevice(v loader.DatapathDeviceInfo) Device {
-	d := Device{PodMAC: net.HardwareAddr(v.PodMac[:]), HostMAC: net.HardwareAddr(v.HostMac[:]), Shaped: v.Flags&flagShaped != 0}
+	d := Device{PodMAC: net.HardwareAddr(v.PodMac[:]), HostMAC: net.HardwareAddr(v.HostMac[:]), Shaped: v.Flags&flagShaped != 0, HostFlows: v.Flags&flagHostFlows != 0}
 	if v.Flags&flagIPv4 != 0 {
 		d.IPv4 = netip.AddrFrom4(v.Ipv4)
 	}
@@ -357,4 +362,22 @@ func (m *Maps) Counts() (endpoints, devices int, err error) {
 		return 0, 0, err
 	}
 	return len(eps), len(devs), nil
+}
+
+// HostFlows counts the flows whose replies take the host path (NATed flows
+// the host stack delivered to a local pod).
+func (m *Maps) HostFlows() (int, error) {
+	var (
+		k loader.DatapathFlowKey
+		v loader.DatapathFlowInfo
+		n int
+	)
+	it := m.hostFlows.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("iterate host flows: %w", err)
+	}
+	return n, nil
 }
