@@ -50,7 +50,7 @@ lint:
 # Real runtimes: a private containerd driven through CRI (and everything of `make test`'s integration layer).
 e2e: build
 	@bash scripts/deps.sh --e2e
-	go test -tags e2e -count=1 -v -run 'Containerd|Podman|Chain' ./test/integration/
+	go test -tags e2e -count=1 -v -run 'Containerd|Podman|Chain|MultiNode' ./test/integration/
 
 # Datapath and churn figures side by side with veth, bridge and ptp; writes BENCHMARKS.md.
 bench: deps build

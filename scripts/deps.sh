@@ -30,6 +30,8 @@ if [ "${1:-}" = "--e2e" ]; then
 	command -v containerd >/dev/null 2>&1 || missing+=(containerd)
 	command -v runc >/dev/null 2>&1 || missing+=(runc)
 	command -v podman >/dev/null 2>&1 || missing+=(podman)
+	command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+	command -v nsenter >/dev/null 2>&1 || missing+=(util-linux)
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then

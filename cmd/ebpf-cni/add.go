@@ -29,6 +29,9 @@ func cmdAdd(args *skel.CmdArgs) (_ types.Result, retErr error) {
 	if err != nil {
 		return nil, err
 	}
+	if conf.podCIDRErr != nil {
+		return nil, conf.podCIDRErr
+	}
 	mtu := conf.MTU
 	if mtu == 0 {
 		mtu = defaultMTU()
@@ -148,7 +151,7 @@ func cmdAdd(args *skel.CmdArgs) (_ types.Result, retErr error) {
 		for _, p := range l.ips {
 			nets = append(nets, p.Masked())
 		}
-		if err := nat.Ensure(conf.Name, nets); err != nil {
+		if err := nat.Ensure(conf.Name, nets, conf.clusterCIDRs); err != nil {
 			return nil, err
 		}
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/ebpf-cni/ebpf-cni/internal/ipam"
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
+	"github.com/ebpf-cni/ebpf-cni/internal/node"
 )
 
 // Defaults of the network config; README documents each field.
@@ -23,6 +25,9 @@ const (
 	defaultStateDir = "/var/lib/ebpf-cni"
 	defaultDataDir  = "/var/lib/ebpf-cni/ipam"
 	builtinIPAM     = "ebpf-cni"
+	// usePodCIDR as a range subnet takes the node's podCIDRs from the
+	// agent's node file (as Calico's "usePodCidr" does).
+	usePodCIDR = "usePodCidr"
 )
 
 // validName is libcni's rule for network names; the name becomes a path.
@@ -37,6 +42,9 @@ type NetConf struct {
 	Masquerade *bool  `json:"masquerade,omitempty"`
 	LogFile    string `json:"logFile,omitempty"`
 	Attach     string `json:"attach,omitempty"`
+	// ClusterCIDRs are the cluster's pod ranges: traffic to them (pods on
+	// other nodes) is never masqueraded.
+	ClusterCIDRs []string `json:"clusterCIDRs,omitempty"`
 
 	// RuntimeConfig carries the capabilities the conflist declares for us.
 	// Keys match case-insensitively (containerd sends Go field names).
@@ -46,9 +54,11 @@ type NetConf struct {
 
 	IPAMConf IPAMConf `json:"-"`
 
-	builtin bool            // the built-in IPAM serves this network
-	sets    []ipam.RangeSet // validated ranges of the built-in IPAM
-	routes  []netip.Prefix  // pod routes of the built-in IPAM
+	builtin      bool            // the built-in IPAM serves this network
+	podCIDRErr   error           // "usePodCidr" ranges whose node file is missing
+	clusterCIDRs []netip.Prefix  // parsed ClusterCIDRs
+	sets         []ipam.RangeSet // validated ranges of the built-in IPAM
+	routes       []netip.Prefix  // pod routes of the built-in IPAM
 }
 
 // bandwidth is the "bandwidth" capability (rates in bit/s), as the
@@ -173,6 +183,13 @@ func (c *NetConf) validate() error {
 		t := true
 		c.Masquerade = &t
 	}
+	for i, s := range c.ClusterCIDRs {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return invalid(fmt.Sprintf("clusterCIDRs[%d]", i), "%q is not a CIDR", s)
+		}
+		c.clusterCIDRs = append(c.clusterCIDRs, p.Masked())
+	}
 	switch loader.Mode(c.Attach) {
 	case "":
 		c.Attach = string(loader.ModeAuto)
@@ -196,6 +213,24 @@ func (c *NetConf) validateIPAM() error {
 	}
 	if len(ic.Ranges) == 0 {
 		return invalid("ipam.ranges", "missing: the built-in IPAM needs at least one range set")
+	}
+	if len(ic.Ranges) == 1 && len(ic.Ranges[0]) == 1 && ic.Ranges[0][0].Subnet == usePodCIDR {
+		// The node's own podCIDRs, as ebpf-cni-agent wrote them. Without
+		// them ADD must wait (11); DEL and GC release by owner and need none.
+		info, err := node.Read(c.StateDir)
+		if err != nil {
+			c.podCIDRErr = err
+			c.builtin = true
+			ic.DataDir = cmp.Or(ic.DataDir, defaultDataDir)
+			return nil
+		}
+		ic.Ranges = nil
+		for _, p := range info.PodCIDRs {
+			ic.Ranges = append(ic.Ranges, []rangeConf{{Subnet: p.String()}})
+		}
+		if c.MTU == 0 {
+			c.MTU = info.MTU
+		}
 	}
 	sets := make([]ipam.RangeSet, len(ic.Ranges))
 	for i, set := range ic.Ranges {

@@ -8,6 +8,7 @@ import (
 	"github.com/ebpf-cni/ebpf-cni/internal/flock"
 	"github.com/ebpf-cni/ebpf-cni/internal/ipam"
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
+	"github.com/ebpf-cni/ebpf-cni/internal/node"
 	"github.com/ebpf-cni/ebpf-cni/internal/veth"
 )
 
@@ -40,6 +41,8 @@ func toCNI(err error) error {
 		return types.NewError(types.ErrDecodingFailure, err.Error(), "")
 	case errors.Is(err, flock.ErrTimeout): // also ipam.ErrLockTimeout
 		return types.NewError(types.ErrTryAgainLater, err.Error(), "another CNI call holds the node lock; try again later")
+	case errors.Is(err, node.ErrUnknown):
+		return types.NewError(types.ErrTryAgainLater, err.Error(), "the node's podCIDR is not known yet; try again later")
 	case errors.Is(err, loader.ErrNoBPFFS):
 		return types.NewError(types.ErrTryAgainLater, err.Error(), "bpffs is not mounted; try again later")
 	case errors.Is(err, veth.ErrNetNS):

@@ -40,6 +40,9 @@ func cmdStatus(args *skel.CmdArgs) (types.Result, error) {
 		}
 		return nil, nil
 	}
+	if conf.podCIDRErr != nil {
+		return nil, notReady("ipam: %v", conf.podCIDRErr)
+	}
 	alloc, err := conf.allocator()
 	if err != nil {
 		return nil, notReady("ipam: %v", err)

@@ -32,13 +32,20 @@ const chainName = "postrouting"
 
 var table = &nftables.Table{Name: Table, Family: nftables.TableFamilyINet}
 
-func comment(network string, p netip.Prefix) string {
-	return "ebpf-cni " + network + " " + p.String()
+func comment(network string, p netip.Prefix, except []netip.Prefix) string {
+	c := "ebpf-cni " + network + " " + p.String()
+	for _, e := range except {
+		c += " !" + e.String()
+	}
+	return c
 }
 
 // userdata encodes s as an nftables rule comment (NFTNL_UDATA_RULE_COMMENT),
 // so `nft list ruleset` prints it.
 func userdata(s string) []byte {
+	if len(s) > 250 {
+		s = s[:250] // the length is one byte; a long comment stays deterministic
+	}
 	return append([]byte{0, byte(len(s) + 1)}, append([]byte(s), 0)...)
 }
 
@@ -81,8 +88,10 @@ func lock() (func(), error) {
 	return flock.Acquire(lockPath, flock.DefaultWait)
 }
 
-// Ensure makes traffic from each prefix to anywhere outside it masqueraded.
-func Ensure(network string, prefixes []netip.Prefix) error {
+// Ensure makes traffic from each prefix masqueraded unless it goes to the
+// prefix itself or to one of except (the cluster's pod ranges). A rule of the
+// same network and prefix with other exceptions (a changed config) is replaced.
+func Ensure(network string, prefixes []netip.Prefix, except []netip.Prefix) error {
 	unlock, err := lock()
 	if err != nil {
 		return err
@@ -92,18 +101,28 @@ func Ensure(network string, prefixes []netip.Prefix) error {
 	if err != nil {
 		return err
 	}
-	have := map[string]bool{}
+	have := map[string]*nftables.Rule{}
 	existing, err := rules(c)
 	if err != nil {
 		return err
 	}
 	for _, r := range existing {
-		have[commentOf(r)] = true
+		have[commentOf(r)] = r
 	}
 	var missing []netip.Prefix
 	for _, p := range prefixes {
-		if !have[comment(network, p.Masked())] {
-			missing = append(missing, p.Masked())
+		p = p.Masked()
+		want := comment(network, p, except)
+		if have[want] != nil {
+			continue
+		}
+		missing = append(missing, p)
+		for cm, r := range have {
+			if strings.HasPrefix(cm, comment(network, p, nil)+" ") {
+				if err := c.DelRule(r); err != nil {
+					return fmt.Errorf("replace masquerade rule %q: %w", cm, err)
+				}
+			}
 		}
 	}
 	if len(missing) == 0 {
@@ -118,7 +137,7 @@ func Ensure(network string, prefixes []netip.Prefix) error {
 		Priority: nftables.ChainPriorityNATSource,
 	})
 	for _, p := range missing {
-		c.AddRule(&nftables.Rule{Table: table, Chain: ch, Exprs: masquerade(p), UserData: userdata(comment(network, p))})
+		c.AddRule(&nftables.Rule{Table: table, Chain: ch, Exprs: masquerade(p, except), UserData: userdata(comment(network, p, except))})
 	}
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("add masquerade rules for %s: %w", network, err)
@@ -126,26 +145,29 @@ func Ensure(network string, prefixes []netip.Prefix) error {
 	return nil
 }
 
-func masquerade(p netip.Prefix) []expr.Any {
+func masquerade(p netip.Prefix, except []netip.Prefix) []expr.Any {
 	proto, addrLen, srcOff := byte(unix.NFPROTO_IPV4), uint32(4), uint32(12)
 	if p.Addr().Is6() {
 		proto, addrLen, srcOff = unix.NFPROTO_IPV6, 16, 8
 	}
-	mask := net.CIDRMask(p.Bits(), p.Addr().BitLen())
-	network := p.Addr().AsSlice()
-	match := func(off uint32, op expr.CmpOp) []expr.Any {
+	match := func(q netip.Prefix, off uint32, op expr.CmpOp) []expr.Any {
 		return []expr.Any{
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: addrLen},
-			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: addrLen, Mask: mask, Xor: make([]byte, addrLen)},
-			&expr.Cmp{Op: op, Register: 1, Data: network},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: addrLen, Mask: net.CIDRMask(q.Bits(), q.Addr().BitLen()), Xor: make([]byte, addrLen)},
+			&expr.Cmp{Op: op, Register: 1, Data: q.Addr().AsSlice()},
 		}
 	}
 	out := []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
 	}
-	out = append(out, match(srcOff, expr.CmpOpEq)...)
-	out = append(out, match(srcOff+addrLen, expr.CmpOpNeq)...)
+	out = append(out, match(p, srcOff, expr.CmpOpEq)...)
+	out = append(out, match(p, srcOff+addrLen, expr.CmpOpNeq)...)
+	for _, e := range except {
+		if e.Addr().Is4() == p.Addr().Is4() {
+			out = append(out, match(e, srcOff+addrLen, expr.CmpOpNeq)...)
+		}
+	}
 	return append(out, &expr.Masq{})
 }
 
@@ -196,6 +218,7 @@ func Prefixes(network string) ([]netip.Prefix, error) {
 	var out []netip.Prefix
 	for _, r := range existing {
 		if rest, ok := strings.CutPrefix(commentOf(r), "ebpf-cni "+network+" "); ok {
+			rest, _, _ = strings.Cut(rest, " ")
 			if p, err := netip.ParsePrefix(rest); err == nil {
 				out = append(out, p)
 			}

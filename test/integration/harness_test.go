@@ -46,11 +46,13 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	binDir = dir
-	build := exec.Command("go", "build", "-o", filepath.Join(binDir, "ebpf-cni"), "../../cmd/ebpf-cni")
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build ebpf-cni:", err)
-		os.Exit(1)
+	for _, bin := range []string{"ebpf-cni", "ebpf-cni-agent"} {
+		build := exec.Command("go", "build", "-o", filepath.Join(binDir, bin), "../../cmd/"+bin)
+		build.Stdout, build.Stderr = os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "build", bin+":", err)
+			os.Exit(1)
+		}
 	}
 	cnitool, err = exec.LookPath("cnitool")
 	if err != nil {

@@ -1,0 +1,83 @@
+package main
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// install is the DaemonSet's init step: it copies the plugin into the CNI
+// bin dir and writes the conflist inside the conf dir, each through a temp
+// file renamed into place (a runtime never sees half a file, and the
+// conflist is written in place: containerd missed files moved in).
+func install(args []string) error {
+	fs := flag.NewFlagSet("install", flag.ContinueOnError)
+	src := fs.String("plugin", "/usr/local/bin/ebpf-cni", "plugin binary to install")
+	binDir := fs.String("cni-bin-dir", "/host/opt/cni/bin", "CNI bin dir (host's /opt/cni/bin)")
+	confDir := fs.String("cni-conf-dir", "/host/etc/cni/net.d", "CNI conf dir (host's /etc/cni/net.d)")
+	name := fs.String("network", "ebpf-cni", "network name")
+	version := fs.String("cni-version", "1.0.0", "conflist cniVersion (containerd 1.6 refuses 1.1.0)")
+	cluster := fs.String("cluster-cidrs", "10.244.0.0/16", "comma-separated pod ranges of the cluster (never masqueraded)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	data, err := os.ReadFile(*src)
+	if err != nil {
+		return fmt.Errorf("read plugin: %w", err)
+	}
+	if err := writeAtomic(filepath.Join(*binDir, "ebpf-cni"), data, 0o755); err != nil {
+		return err
+	}
+	conflist := map[string]any{
+		"cniVersion": *version,
+		"name":       *name,
+		"plugins": []any{
+			map[string]any{
+				"type":         "ebpf-cni",
+				"clusterCIDRs": strings.Split(*cluster, ","),
+				"capabilities": map[string]bool{"bandwidth": true},
+				"ipam":         map[string]any{"ranges": [][]map[string]string{{{"subnet": "usePodCidr"}}}},
+			},
+			map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}},
+		},
+	}
+	b, err := json.MarshalIndent(conflist, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := writeAtomic(filepath.Join(*confDir, "10-ebpf-cni.conflist"), b, 0o644); err != nil {
+		return err
+	}
+	fmt.Printf("installed %s and %s\n", filepath.Join(*binDir, "ebpf-cni"), filepath.Join(*confDir, "10-ebpf-cni.conflist"))
+	return nil
+}
+
+func writeAtomic(path string, data []byte, mode os.FileMode) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("create %s: %w", filepath.Dir(path), err)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".ebpf-cni-")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := io.Copy(tmp, strings.NewReader(string(data))); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := tmp.Chmod(mode); err != nil {
+		tmp.Close()
+		return fmt.Errorf("chmod %s: %w", path, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("rename into %s: %w", path, err)
+	}
+	return nil
+}

@@ -1,0 +1,79 @@
+// Package node is the hand-off between ebpf-cni-agent and the plugin: the
+// agent writes what it learns of its own Node (podCIDRs, the pod MTU the
+// routing mode allows) to <stateDir>/node.json, atomically; the plugin reads
+// it for `"subnet": "usePodCidr"` ranges. The plugin never talks to the API
+// server, so ADD and DEL keep working while the agent is down.
+package node
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+)
+
+// FileName is the name of the hand-off file inside the state directory.
+const FileName = "node.json"
+
+// ErrUnknown means no agent has written the node file yet.
+var ErrUnknown = errors.New("node podCIDR not known yet (is ebpf-cni-agent running on this node?)")
+
+// Info is what the agent knows of its node.
+type Info struct {
+	Name     string         `json:"name"`
+	PodCIDRs []netip.Prefix `json:"podCIDRs"`
+	// MTU is the largest pod MTU the routing mode allows (the underlay's
+	// minus the VXLAN overhead in overlay mode); 0 leaves the plugin's default.
+	MTU int `json:"mtu,omitempty"`
+}
+
+// Path returns the node file path for a state directory.
+func Path(stateDir string) string { return filepath.Join(stateDir, FileName) }
+
+// Read loads the node file; ErrUnknown when it does not exist.
+func Read(stateDir string) (Info, error) {
+	var info Info
+	data, err := os.ReadFile(Path(stateDir))
+	if errors.Is(err, os.ErrNotExist) {
+		return info, fmt.Errorf("%s: %w", Path(stateDir), ErrUnknown)
+	}
+	if err != nil {
+		return info, fmt.Errorf("read node file: %w", err)
+	}
+	if err := json.Unmarshal(data, &info); err != nil {
+		return info, fmt.Errorf("decode %s: %w", Path(stateDir), err)
+	}
+	if len(info.PodCIDRs) == 0 {
+		return info, fmt.Errorf("%s lists no podCIDR: %w", Path(stateDir), ErrUnknown)
+	}
+	return info, nil
+}
+
+// Write replaces the node file atomically.
+func Write(stateDir string, info Info) error {
+	if err := os.MkdirAll(stateDir, 0o755); err != nil {
+		return fmt.Errorf("create %s: %w", stateDir, err)
+	}
+	data, err := json.MarshalIndent(info, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode node file: %w", err)
+	}
+	tmp, err := os.CreateTemp(stateDir, ".node-")
+	if err != nil {
+		return fmt.Errorf("write node file: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write node file: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("write node file: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), Path(stateDir)); err != nil {
+		return fmt.Errorf("write node file: %w", err)
+	}
+	return nil
+}
