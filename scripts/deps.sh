@@ -26,10 +26,11 @@ done
 [ -f /usr/include/bpf/bpf_helpers.h ] || missing+=(libbpf-dev)
 [ -x /usr/bin/time ] || missing+=(time)
 [ -x /usr/lib/cni/host-local ] || missing+=(containernetworking-plugins)
+# Real runtimes of the integration tests.
+command -v containerd >/dev/null 2>&1 || missing+=(containerd)
+command -v runc >/dev/null 2>&1 || missing+=(runc)
+command -v podman >/dev/null 2>&1 || missing+=(podman)
 if [ "${1:-}" = "--e2e" ]; then
-	command -v containerd >/dev/null 2>&1 || missing+=(containerd)
-	command -v runc >/dev/null 2>&1 || missing+=(runc)
-	command -v podman >/dev/null 2>&1 || missing+=(podman)
 	command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 	command -v nsenter >/dev/null 2>&1 || missing+=(util-linux)
 fi

@@ -148,8 +148,9 @@ build() {
 }
 
 start=$SECONDS
+log "the first build also downloads a few hundred MB of modules; expect 10-20 min on 2 cores"
 for name in "${todo[@]}"; do
-	log "building $name $version (CGO_ENABLED=0; the first one also downloads modules)"
+	log "building $name $version (CGO_ENABLED=0)"
 	t=$SECONDS
 	if ! build "$name" 0; then
 		command -v gcc >/dev/null 2>&1 || die "build $name failed and no gcc for a cgo retry"

@@ -111,7 +111,8 @@ func startCluster(t *testing.T) *cluster {
 		"--service-account-key-file="+filepath.Join(dir, "sa.pub"),
 		"--service-account-signing-key-file="+filepath.Join(dir, "sa.key"),
 		"--service-cluster-ip-range=10.96.0.0/16",
-		"--disable-admission-plugins=ServiceAccount",
+		"--api-audiences=https://kubernetes.default.svc.cluster.local",
+		"--allow-privileged=true",
 		"--enable-priority-and-fairness=false",
 	)
 	c.start(api, "kube-apiserver")
@@ -175,6 +176,7 @@ func (c *cluster) stop() {
 		c.procs[i].Wait()
 	}
 	exec.Command("ip", "link", "del", mnBridge).Run()
+	unmountUnder(c.dir) // the kubelet's root dir and pod volumes
 	os.RemoveAll(c.dir)
 }
 

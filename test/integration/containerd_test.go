@@ -1,9 +1,6 @@
-//go:build e2e
-
 package integration
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -31,6 +28,7 @@ const pauseImage = "localhost/ebpf-cni/pause:e2e"
 type containerd struct {
 	t      *testing.T
 	dir    string
+	binDir string // its CNI bin dir
 	sock   string
 	cmd    *exec.Cmd
 	conn   *grpc.ClientConn
@@ -38,6 +36,13 @@ type containerd struct {
 }
 
 func startContainerd(t *testing.T, n *node) *containerd {
+	t.Helper()
+	return startContainerdOpts(t, n, true)
+}
+
+// startContainerdOpts starts containerd; without withPlugin its CNI bin dir
+// holds only the reference plugins and waits for an installer (DaemonSet).
+func startContainerdOpts(t *testing.T, n *node, withPlugin bool) *containerd {
 	t.Helper()
 	for _, bin := range []string{"containerd", "ctr", "runc"} {
 		if _, err := exec.LookPath(bin); err != nil {
@@ -53,12 +58,17 @@ func startContainerd(t *testing.T, n *node) *containerd {
 
 	// The CNI bin dir: ebpf-cni and the loopback plugin containerd calls first.
 	bin := filepath.Join(dir, "bin")
+	c.binDir = bin
 	os.MkdirAll(bin, 0o755)
-	if err := os.Symlink(filepath.Join(binDir, "ebpf-cni"), filepath.Join(bin, "ebpf-cni")); err != nil {
-		t.Fatal(err)
+	if withPlugin {
+		if err := os.Symlink(filepath.Join(binDir, "ebpf-cni"), filepath.Join(bin, "ebpf-cni")); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if err := os.Symlink("/usr/lib/cni/loopback", filepath.Join(bin, "loopback")); err != nil {
-		t.Fatal(err)
+	for _, p := range []string{"loopback", "portmap"} {
+		if err := os.Symlink("/usr/lib/cni/"+p, filepath.Join(bin, p)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	image := buildPauseImage(t, dir)
 
@@ -116,7 +126,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 	defer cancel()
 	for {
 		st, err := c.client.Status(ctx, &runtimeapi.StatusRequest{})
-		if err == nil && networkReady(st) {
+		if err == nil && (networkReady(st) || !withPlugin) {
 			return c
 		}
 		if ctx.Err() != nil {
@@ -182,20 +192,7 @@ func (c *containerd) stop() {
 			<-done
 		}
 	}
-	// containerd leaves its shm and rootfs mounts behind when it stops.
-	if f, err := os.Open("/proc/self/mountinfo"); err == nil {
-		var mounts []string
-		sc := bufio.NewScanner(f)
-		for sc.Scan() {
-			if fields := strings.Fields(sc.Text()); len(fields) > 4 && strings.HasPrefix(fields[4], c.dir) {
-				mounts = append(mounts, fields[4])
-			}
-		}
-		f.Close()
-		for i := len(mounts) - 1; i >= 0; i-- {
-			exec.Command("umount", "-l", mounts[i]).Run()
-		}
-	}
+	unmountUnder(c.dir) // containerd leaves its shm and rootfs mounts behind
 	if c.t.Failed() {
 		c.t.Logf("containerd log (tail):\n%s", c.log())
 	}
@@ -224,13 +221,22 @@ func (c *containerd) runSandbox(ns, name string) *sandbox {
 	if err != nil {
 		c.t.Fatalf("RunPodSandbox %s/%s: %v\n%s", ns, name, err, c.log())
 	}
-	st, err := c.client.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: resp.PodSandboxId, Verbose: true})
+	sb := c.sandboxOf(resp.PodSandboxId)
+	return sb
+}
+
+// sandboxOf reads a sandbox's address and network namespace through CRI.
+func (c *containerd) sandboxOf(id string) *sandbox {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	st, err := c.client.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: id, Verbose: true})
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	sb := &sandbox{id: resp.PodSandboxId}
+	sb := &sandbox{id: id}
 	if sb.ip, err = netip.ParseAddr(st.Status.GetNetwork().GetIp()); err != nil {
-		c.t.Fatalf("sandbox %s has no IP: %v", name, err)
+		c.t.Fatalf("sandbox %s has no IP: %v", id, err)
 	}
 	var info struct {
 		RuntimeSpec struct {
