@@ -44,6 +44,7 @@ type endpointView struct {
 	HostVeth     string              `json:"hostVeth"`
 	HostIfindex  int                 `json:"hostIfindex"`
 	HostMAC      string              `json:"hostMAC"`
+	Shaped       bool                `json:"shaped"` // rate-limited: reached through the host's qdiscs
 	Network      string              `json:"network,omitempty"`
 	ContainerID  string              `json:"containerID,omitempty"`
 	IfName       string              `json:"ifname,omitempty"`
@@ -158,7 +159,7 @@ func collect(pinRoot, stateDir, ipamDir string) ([]endpointView, error) {
 	var out []endpointView
 	for _, ep := range eps {
 		v := endpointView{
-			IP: ep.IP, PodMAC: ep.PodMAC.String(), HostMAC: ep.HostMAC.String(), HostIfindex: ep.Ifindex,
+			IP: ep.IP, PodMAC: ep.PodMAC.String(), HostMAC: ep.HostMAC.String(), HostIfindex: ep.Ifindex, Shaped: ep.Shaped,
 		}
 		if st := byIP[ep.IP]; st != nil {
 			v.HostVeth, v.Network, v.ContainerID, v.IfName = st.HostVeth, network[st], st.ContainerID, st.IfName

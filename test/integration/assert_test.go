@@ -21,6 +21,7 @@ type endpointView struct {
 	ContainerID  string     `json:"containerID"`
 	PodNamespace string     `json:"podNamespace"`
 	PodName      string     `json:"podName"`
+	Shaped       bool       `json:"shaped"`
 	Attachments  []struct {
 		Hook      string `json:"Hook"`
 		Mode      string `json:"Mode"`

@@ -336,3 +336,61 @@ func TestContainerdCRI(t *testing.T) {
 		}
 	}
 }
+
+// The chained conflist (ebpf-cni -> portmap -> bandwidth -> tuning, the
+// v1.9.0 reference plugins) under containerd's CRI: a sandbox with a
+// hostPort and bandwidth annotations; the hostPort reaches it, its traffic
+// takes the shaped host path, tuning ran, and stop/remove clean every plugin.
+func TestContainerdChain(t *testing.T) {
+	n := newNode(t, nil)
+	n.version = "1.0.0"
+	n.plugin["capabilities"] = map[string]bool{"bandwidth": true}
+	n.writeConflist(
+		map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}},
+		map[string]any{"type": "bandwidth", "capabilities": map[string]bool{"bandwidth": true}},
+		map[string]any{"type": "tuning", "sysctl": map[string]string{"net.core.somaxconn": "512"}},
+	)
+	out := outside(t, n, "203.0.113.1/24", "203.0.113.2/24")
+	c := startContainerdOpts(t, n, true)
+	for _, p := range []string{"portmap", "bandwidth", "tuning"} {
+		os.Remove(filepath.Join(c.binDir, p))
+		if err := os.Symlink(filepath.Join(refPlugins, p), filepath.Join(c.binDir, p)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	resp, err := c.client.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: &runtimeapi.PodSandboxConfig{
+		Metadata:     &runtimeapi.PodSandboxMetadata{Name: "shaped", Namespace: "e2e", Uid: "uid-shaped"},
+		Hostname:     "shaped",
+		LogDirectory: filepath.Join(c.dir, "logs"),
+		PortMappings: []*runtimeapi.PortMapping{{Protocol: runtimeapi.Protocol_TCP, ContainerPort: 8080, HostPort: 18082}},
+		Annotations:  map[string]string{"kubernetes.io/ingress-bandwidth": "100M", "kubernetes.io/egress-bandwidth": "100M"},
+		Linux:        &runtimeapi.LinuxPodSandboxConfig{},
+	}})
+	if err != nil {
+		t.Fatalf("RunPodSandbox: %v\n%s", err, c.log())
+	}
+	sb := c.sandboxOf(resp.PodSandboxId)
+	podPort := netip.AddrPortFrom(sb.ip, 8080)
+	if err := tcpVia(out.path, sb.netns, podPort, netip.MustParseAddrPort("203.0.113.1:18082"), nil); err != nil {
+		t.Errorf("outside -> hostPort under containerd: %v", err)
+	}
+	if got, _ := exec.Command("ip", "netns", "exec", filepath.Base(sb.netns), "cat", "/proc/sys/net/core/somaxconn").Output(); strings.TrimSpace(string(got)) != "512" {
+		t.Errorf("tuning did not run: somaxconn %q", got)
+	}
+	if len(ifbDevices(t)) == 0 {
+		t.Errorf("bandwidth did not shape the sandbox (no ifb device)")
+	}
+	if e := n.inspect()[sb.ip]; !e.Shaped {
+		t.Errorf("the rate-limited sandbox is not marked shaped in the maps (capability not passed?)")
+	}
+	c.stopAndRemove(sb)
+	n.assertGone(veth.HostName(sb.id, "eth0"), sb.id, []netip.Addr{sb.ip})
+	if left := ifbDevices(t); len(left) > 0 {
+		t.Errorf("bandwidth's ifb left after remove: %v", left)
+	}
+	if rules, _ := exec.Command("iptables-save", "-t", "nat").Output(); strings.Contains(string(rules), sb.id[:12]) {
+		t.Errorf("portmap rules of the sandbox left after remove")
+	}
+}
