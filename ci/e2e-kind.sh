@@ -4,7 +4,7 @@
 # load the locally built image, install ebpf-cni with `kubectl apply -f
 # deploy/`, wait for the nodes to turn Ready, then check pod-to-pod traffic
 # on one node and across nodes with ci/checks.sh. Dumps logs on failure.
-set -euo pipefail
+set -Eeuo pipefail  # -E: the ERR trap (log dump) fires inside functions too
 cd "$(dirname "$0")/.."
 cluster=${KIND_CLUSTER:-ebpf-cni-e2e}
 ns=ebpf-e2e

@@ -4,10 +4,11 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/atomicfile"
 )
 
 // install is the DaemonSet's init step: it copies the plugin into the CNI
@@ -29,7 +30,7 @@ func install(args []string) error {
 	if err != nil {
 		return fmt.Errorf("read plugin: %w", err)
 	}
-	if err := writeAtomic(filepath.Join(*binDir, "ebpf-cni"), data, 0o755); err != nil {
+	if err := atomicfile.Write(filepath.Join(*binDir, "ebpf-cni"), data, 0o755); err != nil {
 		return err
 	}
 	conflist := map[string]any{
@@ -38,7 +39,7 @@ func install(args []string) error {
 		"plugins": []any{
 			map[string]any{
 				"type":         "ebpf-cni",
-				"clusterCIDRs": strings.Split(*cluster, ","),
+				"clusterCIDRs": splitList(*cluster),
 				"capabilities": map[string]bool{"bandwidth": true},
 				"ipam":         map[string]any{"ranges": [][]map[string]string{{{"subnet": "usePodCidr"}}}},
 			},
@@ -49,35 +50,20 @@ func install(args []string) error {
 	if err != nil {
 		return err
 	}
-	if err := writeAtomic(filepath.Join(*confDir, "10-ebpf-cni.conflist"), b, 0o644); err != nil {
+	if err := atomicfile.Write(filepath.Join(*confDir, "10-ebpf-cni.conflist"), b, 0o644); err != nil {
 		return err
 	}
 	fmt.Printf("installed %s and %s\n", filepath.Join(*binDir, "ebpf-cni"), filepath.Join(*confDir, "10-ebpf-cni.conflist"))
 	return nil
 }
 
-func writeAtomic(path string, data []byte, mode os.FileMode) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return fmt.Errorf("create %s: %w", filepath.Dir(path), err)
+// splitList splits a comma-separated flag, trimming blanks and empty items.
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".ebpf-cni-")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := io.Copy(tmp, strings.NewReader(string(data))); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := tmp.Chmod(mode); err != nil {
-		tmp.Close()
-		return fmt.Errorf("chmod %s: %w", path, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("rename into %s: %w", path, err)
-	}
-	return nil
+	return out
 }

@@ -172,14 +172,28 @@ type agent struct {
 	added      int
 	removed    int
 	peers      []routes.Peer
+	written    node.Info // the node file as last written (rewritten only on change)
 }
 
-func internalIP(n *corev1.Node) (netip.Addr, bool) {
+func overlaps(p netip.Prefix, list []netip.Prefix) bool {
+	for _, q := range list {
+		if p.Overlaps(q) {
+			return true
+		}
+	}
+	return false
+}
+
+// internalIP returns the node's first InternalIP of a family (any family
+// when fam is 0, IPv4 or IPv6 when 4 or 6).
+func internalIP(n *corev1.Node, fam int) (netip.Addr, bool) {
 	for _, a := range n.Status.Addresses {
-		if a.Type == corev1.NodeInternalIP {
-			if ip, err := netip.ParseAddr(a.Address); err == nil {
-				return ip, true
-			}
+		if a.Type != corev1.NodeInternalIP {
+			continue
+		}
+		ip, err := netip.ParseAddr(a.Address)
+		if err == nil && (fam == 0 || (fam == 4) == ip.Is4()) {
+			return ip, true
 		}
 	}
 	return netip.Addr{}, false
@@ -206,40 +220,77 @@ func (a *agent) sync() {
 		a.record(nil, 0, 0, fmt.Errorf("list nodes: %w", err))
 		return
 	}
-	var (
-		self  *corev1.Node
-		peers []routes.Peer
-	)
+	var self *corev1.Node
 	for _, n := range all {
 		if n.Name == a.name {
 			self = n
+		}
+	}
+	var local []netip.Prefix
+	if self != nil {
+		local = podCIDRs(self)
+	}
+	var peers []routes.Peer
+	for _, n := range all {
+		if n.Name == a.name {
 			continue
 		}
-		ip, ok := internalIP(n)
-		cidrs := podCIDRs(n)
-		if !ok || len(cidrs) == 0 {
-			continue // not routable yet: no InternalIP or no podCIDR
+		// One route per podCIDR via the node address of the same family
+		// (native); a stale Node claiming our own range is ignored.
+		for _, fam := range []int{4, 6} {
+			ip, ok := internalIP(n, fam)
+			if a.mode == routes.VXLAN {
+				ip, ok = internalIP(n, 0)
+			}
+			var cidrs []netip.Prefix
+			for _, c := range podCIDRs(n) {
+				if c.Addr().Is4() == (fam == 4) && !overlaps(c, local) {
+					cidrs = append(cidrs, c)
+				}
+			}
+			if ok && len(cidrs) > 0 {
+				peers = append(peers, routes.Peer{Name: n.Name, NodeIP: ip, PodCIDRs: cidrs})
+			}
 		}
-		peers = append(peers, routes.Peer{Name: n.Name, NodeIP: ip, PodCIDRs: cidrs})
 	}
 	slices.SortFunc(peers, func(x, y routes.Peer) int { return cmpString(x.Name, y.Name) })
 	if self == nil {
 		a.record(peers, 0, 0, fmt.Errorf("node %s not found in the API", a.name))
 		return
 	}
-	localIP, ok := internalIP(self)
+	localIP, ok := internalIP(self, 0)
 	if !ok {
 		a.record(peers, 0, 0, fmt.Errorf("node %s has no InternalIP yet", a.name))
 		return
 	}
-	r := &routes.Router{Mode: a.mode, LocalIP: localIP, Local: podCIDRs(self)}
+	r := &routes.Router{Mode: a.mode, LocalIP: localIP, Local: local}
 	var errs []error
-	if len(r.Local) > 0 {
+	podCIDRs := local
+	if a.mode == routes.VXLAN {
+		podCIDRs = nil // the overlay carries IPv4 only: no IPv6 pod addresses
+		for _, p := range local {
+			if p.Addr().Is4() {
+				podCIDRs = append(podCIDRs, p)
+			}
+		}
+	}
+	if len(podCIDRs) == 0 {
+		// Pods cannot be wired yet: stay unready rather than let every ADD
+		// answer "try again later" behind a Ready node.
+		errs = append(errs, fmt.Errorf("node %s has no podCIDR yet (is the controller-manager allocating node CIDRs?)", a.name))
+	} else {
 		mtu := 0
 		if under, err := routes.UnderlayMTU(localIP); err == nil {
 			mtu = r.MTU(under)
 		}
-		errs = append(errs, node.Write(a.stateDir, node.Info{Name: a.name, PodCIDRs: r.Local, MTU: mtu}))
+		info := node.Info{Name: a.name, PodCIDRs: podCIDRs, MTU: mtu}
+		if !slices.Equal(info.PodCIDRs, a.written.PodCIDRs) || info.MTU != a.written.MTU {
+			err := node.Write(a.stateDir, info)
+			if err == nil {
+				a.written = info
+			}
+			errs = append(errs, err)
+		}
 	}
 	added, removed, err := r.Sync(peers)
 	a.record(peers, added, removed, errors.Join(append(errs, err)...))
@@ -262,15 +313,13 @@ func (a *agent) record(peers []routes.Peer, added, removed int, err error) {
 	a.lastSync = time.Now()
 	a.added += added
 	a.removed += removed
-	if peers != nil {
-		a.peers = peers
-	}
+	a.peers = peers
+	a.synced = err == nil // healthy only while the last reconcile succeeded
 	if err != nil {
 		a.syncErrors++
 		a.log.Error("sync", "err", err)
 		return
 	}
-	a.synced = true
 	if added > 0 || removed > 0 {
 		a.log.Info("routes changed", "added", added, "removed", removed, "peers", len(peers))
 	}
@@ -284,7 +333,7 @@ func (a *agent) handler() http.Handler {
 		ok := a.synced
 		a.mu.Unlock()
 		if !ok {
-			http.Error(w, "not synced yet", http.StatusServiceUnavailable)
+			http.Error(w, "last reconcile failed (or none yet)", http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ok")

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/ebpf-cni/ebpf-cni/internal/atomicfile"
 	"github.com/ebpf-cni/ebpf-cni/internal/flock"
 )
 
@@ -69,31 +70,11 @@ func lockNetwork(stateDir, network string) (func(), error) {
 }
 
 func writeState(stateDir, network string, s *endpointState) error {
-	dir := endpointsDir(stateDir, network)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", dir, err)
-	}
 	data, err := json.MarshalIndent(s, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode endpoint state: %w", err)
 	}
-	path := statePath(stateDir, network, s.ContainerID, s.IfName)
-	tmp, err := os.CreateTemp(dir, ".tmp-")
-	if err != nil {
-		return fmt.Errorf("write endpoint state: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write endpoint state: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("write endpoint state: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("write endpoint state %s: %w", path, err)
-	}
-	return nil
+	return atomicfile.Write(statePath(stateDir, network, s.ContainerID, s.IfName), data, 0o600)
 }
 
 // readState returns nil, nil when the attachment has no record.

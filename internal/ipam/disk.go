@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ebpf-cni/ebpf-cni/internal/atomicfile"
 	"github.com/ebpf-cni/ebpf-cni/internal/flock"
 )
 
@@ -85,7 +86,7 @@ func (s *DiskStore) Reserve(rec Record, rangeID string) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("reserve %s: encode record: %w", rec.IP, err)
 	}
-	tmp, err := s.writeTemp(data, true)
+	tmp, err := s.writeTemp(data)
 	if err != nil {
 		return false, fmt.Errorf("reserve %s: %w", rec.IP, err)
 	}
@@ -121,16 +122,16 @@ func (s *DiskStore) Reserve(rec Record, rangeID string) (bool, error) {
 	return true, nil
 }
 
-// writeTemp writes data to a new temp file in the store's directory (fsynced
-// when sync is set) and returns its path.
-func (s *DiskStore) writeTemp(data []byte, sync bool) (string, error) {
+// writeTemp writes data to a new fsynced temp file in the store's directory
+// and returns its path.
+func (s *DiskStore) writeTemp(data []byte) (string, error) {
 	f, err := os.CreateTemp(s.dir, tempPattern)
 	if err != nil {
 		return "", fmt.Errorf("create temp file: %w", err)
 	}
 	name := f.Name()
 	_, err = f.Write(data)
-	if err == nil && sync {
+	if err == nil {
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
@@ -148,15 +149,7 @@ func (s *DiskStore) writeTemp(data []byte, sync bool) (string, error) {
 // (a reservation whose owner index is lost is released by GC; a stale last
 // address only changes where round-robin resumes). Records are fsynced.
 func (s *DiskStore) writeFile(path string, data []byte) error {
-	tmp, err := s.writeTemp(data, false)
-	if err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("rename %s: %w", tmp, err)
-	}
-	return nil
+	return atomicfile.Write(path, data, 0o600)
 }
 
 // syncDir makes renames, links and removals in the directory durable.

@@ -49,6 +49,9 @@ func userdata(s string) []byte {
 	return append([]byte{0, byte(len(s) + 1)}, append([]byte(s), 0)...)
 }
 
+// stored is a comment as it reads back from the kernel (truncated).
+func stored(s string) string { return commentOf(&nftables.Rule{UserData: userdata(s)}) }
+
 func commentOf(r *nftables.Rule) string {
 	ud := r.UserData
 	if len(ud) < 2 || ud[0] != 0 || int(ud[1])+2 > len(ud) {
@@ -112,13 +115,14 @@ func Ensure(network string, prefixes []netip.Prefix, except []netip.Prefix) erro
 	var missing []netip.Prefix
 	for _, p := range prefixes {
 		p = p.Masked()
-		want := comment(network, p, except)
+		want := stored(comment(network, p, except))
 		if have[want] != nil {
 			continue
 		}
 		missing = append(missing, p)
+		base := comment(network, p, nil)
 		for cm, r := range have {
-			if strings.HasPrefix(cm, comment(network, p, nil)+" ") {
+			if cm == base || strings.HasPrefix(cm, base+" ") {
 				if err := c.DelRule(r); err != nil {
 					return fmt.Errorf("replace masquerade rule %q: %w", cm, err)
 				}

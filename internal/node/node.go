@@ -12,6 +12,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/atomicfile"
 )
 
 // FileName is the name of the hand-off file inside the state directory.
@@ -53,27 +55,9 @@ func Read(stateDir string) (Info, error) {
 
 // Write replaces the node file atomically.
 func Write(stateDir string, info Info) error {
-	if err := os.MkdirAll(stateDir, 0o755); err != nil {
-		return fmt.Errorf("create %s: %w", stateDir, err)
-	}
 	data, err := json.MarshalIndent(info, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode node file: %w", err)
 	}
-	tmp, err := os.CreateTemp(stateDir, ".node-")
-	if err != nil {
-		return fmt.Errorf("write node file: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write node file: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("write node file: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), Path(stateDir)); err != nil {
-		return fmt.Errorf("write node file: %w", err)
-	}
-	return nil
+	return atomicfile.Write(Path(stateDir), data, 0o644)
 }

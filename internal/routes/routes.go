@@ -11,6 +11,7 @@
 package routes
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net"
@@ -32,7 +33,8 @@ const Device = "ebpf-vxlan"
 const (
 	vxlanID   = 0xeb
 	vxlanPort = 8472
-	// Overhead is what VXLAN over IPv4 takes from the underlay MTU.
+	// Overhead is what VXLAN takes from the underlay MTU (IPv4 underlay;
+	// an IPv6 underlay takes 20 bytes more).
 	Overhead = 50
 )
 
@@ -81,9 +83,16 @@ func ipNet(p netip.Prefix) *net.IPNet {
 // MTU returns the pod MTU this mode allows over an underlay of mtu.
 func (r *Router) MTU(underlay int) int {
 	if r.Mode == VXLAN {
-		return underlay - Overhead
+		return underlay - r.overhead()
 	}
 	return underlay
+}
+
+func (r *Router) overhead() int {
+	if r.LocalIP.Is6() {
+		return Overhead + 20
+	}
+	return Overhead
 }
 
 // Sync makes the node's routes exactly those to peers' podCIDRs and returns
@@ -96,6 +105,7 @@ func (r *Router) Sync(peers []Peer) (added, removed int, err error) {
 		}
 	}
 	want := map[netip.Prefix]*netlink.Route{}
+	wantNeigh := map[string]bool{} // VTEP IPs and MACs of live peers (VXLAN)
 	var errs []error
 	for _, p := range peers {
 		for _, cidr := range p.PodCIDRs {
@@ -112,6 +122,7 @@ func (r *Router) Sync(peers []Peer) (added, removed int, err error) {
 				}
 				rt.Gw, rt.LinkIndex, rt.Flags = v.AsSlice(), dev.Attrs().Index, int(netlink.FLAG_ONLINK)
 				errs = append(errs, r.peerEntries(dev, p, v))
+				wantNeigh[v.String()], wantNeigh[VTEPMAC(p.NodeIP).String()] = true, true
 			}
 			want[cidr.Masked()] = rt
 		}
@@ -132,6 +143,9 @@ func (r *Router) Sync(peers []Peer) (added, removed int, err error) {
 			continue
 		}
 		removed++
+	}
+	if dev != nil {
+		errs = append(errs, pruneNeighbours(dev, wantNeigh))
 	}
 	for dst, rt := range want {
 		if err := netlink.RouteReplace(rt); err != nil {
@@ -185,7 +199,7 @@ func (r *Router) ensureVXLAN() (netlink.Link, error) {
 			return nil, err
 		}
 		v := &netlink.Vxlan{
-			LinkAttrs:    netlink.LinkAttrs{Name: Device, HardwareAddr: mac, MTU: under.Attrs().MTU - Overhead},
+			LinkAttrs:    netlink.LinkAttrs{Name: Device, HardwareAddr: mac, MTU: under.Attrs().MTU - r.overhead()},
 			VxlanId:      vxlanID,
 			VtepDevIndex: under.Attrs().Index,
 			SrcAddr:      r.LocalIP.AsSlice(),
@@ -197,6 +211,19 @@ func (r *Router) ensureVXLAN() (netlink.Link, error) {
 		}
 		if l, err = netlinksafe.LinkByName(Device); err != nil {
 			return nil, fmt.Errorf("find %s: %w", Device, err)
+		}
+	}
+	// An existing device from before a node address change: peers derive
+	// this node's VTEP MAC from its current address.
+	if v, ok := l.(*netlink.Vxlan); ok && !net.IP.Equal(v.SrcAddr, r.LocalIP.AsSlice()) {
+		if err := netlink.LinkDel(l); err != nil {
+			return nil, fmt.Errorf("recreate %s for the new node address: %w", Device, err)
+		}
+		return r.ensureVXLAN()
+	}
+	if !bytes.Equal(l.Attrs().HardwareAddr, mac) {
+		if err := netlink.LinkSetHardwareAddr(l, mac); err != nil {
+			return nil, fmt.Errorf("set %s MAC: %w", Device, err)
 		}
 	}
 	if own, ok := vtep(r.Local); ok {
@@ -256,4 +283,33 @@ func UnderlayMTU(ip netip.Addr) (int, error) {
 		return 0, err
 	}
 	return l.Attrs().MTU, nil
+}
+
+// pruneNeighbours removes the VXLAN device's permanent neighbour and FDB
+// entries of peers that are gone.
+func pruneNeighbours(dev netlink.Link, want map[string]bool) error {
+	var errs []error
+	for _, fam := range []int{netlink.FAMILY_V4, unix.AF_BRIDGE} {
+		neighs, err := netlink.NeighList(dev.Attrs().Index, fam)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("list %s entries: %w", Device, err))
+			continue
+		}
+		for _, n := range neighs {
+			if n.State&netlink.NUD_PERMANENT == 0 {
+				continue
+			}
+			key := n.IP.String()
+			if fam == unix.AF_BRIDGE {
+				key = n.HardwareAddr.String()
+			}
+			if !want[key] {
+				n := n
+				if err := netlink.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
+					errs = append(errs, fmt.Errorf("remove stale %s entry %s: %w", Device, key, err))
+				}
+			}
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -18,7 +18,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 
-	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 	"github.com/ebpf-cni/ebpf-cni/internal/veth"
 )
 
@@ -61,16 +60,6 @@ func TestKubeletCluster(t *testing.T) {
 		}
 	}
 	t.Cleanup(func() { os.RemoveAll("/sys/fs/bpf/ebpf-cni"); os.RemoveAll("/var/lib/ebpf-cni") })
-	// The DaemonSet mounts /sys/fs/bpf with Bidirectional propagation, which
-	// needs a shared mount on the host (systemd hosts have one; this machine
-	// mounts it private): make it shared for the test, private again after.
-	if err := loader.EnsureBPFFS("/sys/fs/bpf/ebpf-cni"); err != nil {
-		t.Fatal(err)
-	}
-	if out, _ := exec.Command("findmnt", "-no", "PROPAGATION", "/sys/fs/bpf").Output(); !strings.Contains(string(out), "shared") {
-		run(t, "mount", "--make-shared", "/sys/fs/bpf")
-		t.Cleanup(func() { exec.Command("mount", "--make-private", "/sys/fs/bpf").Run() })
-	}
 	ds := &node{t: t, name: "ebpf-cni", pinRoot: "/sys/fs/bpf/ebpf-cni", stateDir: "/var/lib/ebpf-cni", ipamDir: "/var/lib/ebpf-cni/ipam"}
 
 	// containerd with an empty conf dir: the DaemonSet fills it.
@@ -158,11 +147,15 @@ evictionHard: {}
 	if err != nil {
 		t.Fatal(err)
 	}
-	// No kube-proxy here: point the agent at the API server itself, as
-	// kube-proxy-free installs do.
-	m := strings.NewReplacer("path: /opt/cni/bin", "path: "+ctrd.binDir, "path: /etc/cni/net.d", "path: "+n.confDir,
-		"            - name: NODE_NAME\n", fmt.Sprintf("            - {name: KUBERNETES_SERVICE_HOST, value: %q}\n            - {name: KUBERNETES_SERVICE_PORT, value: \"%d\"}\n            - name: NODE_NAME\n", mnHostIP, mnAPIPort),
-	).Replace(string(manifest))
+	m := strings.NewReplacer("path: /opt/cni/bin", "path: "+ctrd.binDir, "path: /etc/cni/net.d", "path: "+n.confDir).Replace(string(manifest))
+	// No kube-proxy here: point the agent at the API server itself, as the
+	// DaemonSet documents for kube-proxy-free clusters.
+	if _, err := c.client.CoreV1().ConfigMaps("kube-system").Create(ctx, &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: "ebpf-cni-kubernetes-service"},
+		Data:       map[string]string{"KUBERNETES_SERVICE_HOST": mnHostIP, "KUBERNETES_SERVICE_PORT": fmt.Sprint(mnAPIPort)},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
 	mf := filepath.Join(c.dir, "ebpf-cni.yaml")
 	os.WriteFile(mf, []byte(m), 0o644)
 	if out, err := exec.Command(kubectl, "--kubeconfig="+c.kcfg, "apply", "-f", mf).CombinedOutput(); err != nil {
