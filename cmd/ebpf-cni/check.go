@@ -122,7 +122,7 @@ func checkDatapath(conf *NetConf, st *endpointState, idx int, addrs []netip.Addr
 
 func checkIPAM(conf *NetConf, args *skel.CmdArgs, addrs []netip.Addr) error {
 	if !conf.builtin {
-		if err := invoke.DelegateCheck(context.TODO(), conf.IPAMConf.Type, args.StdinData, nil); err != nil {
+		if err := invoke.DelegateCheck(context.Background(), conf.IPAMConf.Type, args.StdinData, nil); err != nil {
 			return fmt.Errorf("ipam plugin %s CHECK: %w", conf.IPAMConf.Type, err)
 		}
 		return nil

@@ -67,7 +67,7 @@ func cmdGC(args *skel.CmdArgs) (types.Result, error) {
 
 	if conf.builtin {
 		errs = append(errs, gcReservations(conf, keep))
-	} else if err := invoke.DelegateGC(context.TODO(), conf.IPAMConf.Type, args.StdinData, nil); err != nil {
+	} else if err := invoke.DelegateGC(context.Background(), conf.IPAMConf.Type, args.StdinData, nil); err != nil {
 		errs = append(errs, fmt.Errorf("ipam plugin %s GC: %w", conf.IPAMConf.Type, err))
 	}
 	errs = append(errs, gcOrphans(conf.PinRoot))

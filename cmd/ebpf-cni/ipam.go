@@ -60,7 +60,7 @@ func ipamAdd(c *NetConf, args *skel.CmdArgs, pa podArgs) (lease, error) {
 }
 
 func delegateAdd(c *NetConf, args *skel.CmdArgs) (lease, error) {
-	r, err := invoke.DelegateAdd(context.TODO(), c.IPAMConf.Type, args.StdinData, nil)
+	r, err := invoke.DelegateAdd(context.Background(), c.IPAMConf.Type, args.StdinData, nil)
 	if err != nil {
 		return lease{}, fmt.Errorf("ipam plugin %s: %w", c.IPAMConf.Type, err)
 	}
@@ -109,7 +109,7 @@ func ipamDel(c *NetConf, args *skel.CmdArgs) error {
 }
 
 func delegateDel(c *NetConf, args *skel.CmdArgs) error {
-	if err := invoke.DelegateDel(context.TODO(), c.IPAMConf.Type, args.StdinData, nil); err != nil {
+	if err := invoke.DelegateDel(context.Background(), c.IPAMConf.Type, args.StdinData, nil); err != nil {
 		return fmt.Errorf("ipam plugin %s DEL: %w", c.IPAMConf.Type, err)
 	}
 	return nil

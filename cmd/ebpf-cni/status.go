@@ -31,7 +31,7 @@ func cmdStatus(args *skel.CmdArgs) (types.Result, error) {
 		return nil, notReady("pins: %v", err)
 	}
 	if !conf.builtin {
-		if err := invoke.DelegateStatus(context.TODO(), conf.IPAMConf.Type, args.StdinData, nil); err != nil {
+		if err := invoke.DelegateStatus(context.Background(), conf.IPAMConf.Type, args.StdinData, nil); err != nil {
 			var ce *types.Error
 			if errors.As(err, &ce) && (ce.Code == 50 || ce.Code == 51) {
 				return nil, types.NewError(ce.Code, "ipam plugin "+conf.IPAMConf.Type+": "+ce.Msg, ce.Details)
