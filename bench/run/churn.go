@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 )
 
 // churnResult is one plugin at one pod count.
@@ -154,7 +156,7 @@ func footprint(e *env, n *network, res *churnResult) error {
 // mapMemory sums bytes_memlock of the pinned maps, as bpftool reports it.
 func mapMemory() int64 {
 	var total int64
-	for _, m := range []string{"endpoints_v1", "devices_v1", "ep_stats_v1", "host_flows_v1"} {
+	for _, m := range []string{loader.MapEndpoints, loader.MapDevices, loader.MapStats, loader.MapHostFlows} {
 		out, err := exec.Command("bpftool", "-j", "map", "show", "pinned", pinRoot+"/"+m).Output()
 		if err != nil {
 			continue

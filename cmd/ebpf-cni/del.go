@@ -47,7 +47,8 @@ func teardown(conf *NetConf, containerID, ifname string, extra []netip.Addr, rel
 	hostName := veth.HostName(containerID, ifname)
 	podMAC, _ := veth.MACs(containerID, ifname)
 	addrs := extra
-	idx := veth.HostIndex(hostName)
+	live := veth.HostIndex(hostName) // 0 once the veth is gone
+	idx := live
 	if st != nil {
 		addrs = append(addrs, st.addrs()...)
 		if idx == 0 {
@@ -73,7 +74,7 @@ func teardown(conf *NetConf, containerID, ifname string, extra []netip.Addr, rel
 	default:
 		errs = append(errs, err)
 	}
-	errs = append(errs, loader.Detach(conf.PinRoot, veth.HostIndex(hostName), hostName))
+	errs = append(errs, loader.Detach(conf.PinRoot, live, hostName))
 	errs = append(errs, veth.Teardown(hostName))
 	if release != nil {
 		errs = append(errs, release())

@@ -351,19 +351,6 @@ func sum(per []Stats) Stats {
 	return total
 }
 
-// Counts returns how many entries each map holds (for STATUS and inspect).
-func (m *Maps) Counts() (endpoints, devices int, err error) {
-	eps, err := m.Endpoints()
-	if err != nil {
-		return 0, 0, err
-	}
-	devs, err := m.Devices()
-	if err != nil {
-		return 0, 0, err
-	}
-	return len(eps), len(devs), nil
-}
-
 // HostFlows counts the flows whose replies take the host path (NATed flows
 // the host stack delivered to a local pod).
 func (m *Maps) HostFlows() (int, error) {
