@@ -31,8 +31,9 @@ test: deps check-generate
 	go vet ./...
 	go test -count=1 ./...
 
+# No root needed: config, results, errors, IPAM, generated types, agent controllers.
 test-unit:
-	go test -count=1 ./cmd/... ./internal/ipam/ ./internal/loader/
+	go test -count=1 ./cmd/... ./internal/config/ ./internal/ipam/ ./internal/loader/ ./internal/agent/...
 
 test-bpf:
 	go test -count=1 -v ./internal/maps/

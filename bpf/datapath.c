@@ -41,14 +41,6 @@ struct arp_eth_ipv4 {
 	__u8 tip[4];
 } __attribute__((packed));
 
-/* Forces bpf2go to emit Go types for every map key and value. */
-const struct endpoint_key *unused_endpoint_key __attribute__((unused));
-const struct endpoint_info *unused_endpoint_info __attribute__((unused));
-const struct device_info *unused_device_info __attribute__((unused));
-const struct endpoint_stats *unused_endpoint_stats __attribute__((unused));
-const struct flow_key *unused_flow_key __attribute__((unused));
-const struct flow_info *unused_flow_info __attribute__((unused));
-
 enum drop_reason {
 	DROP_SPOOFED_MAC,
 	DROP_SPOOFED_IP,

@@ -156,7 +156,7 @@ func footprint(e *env, n *network, res *churnResult) error {
 // mapMemory sums bytes_memlock of the pinned maps, as bpftool reports it.
 func mapMemory() int64 {
 	var total int64
-	for _, m := range []string{loader.MapEndpoints, loader.MapDevices, loader.MapStats, loader.MapHostFlows} {
+	for _, m := range loader.MapNames() {
 		out, err := exec.Command("bpftool", "-j", "map", "show", "pinned", pinRoot+"/"+m).Output()
 		if err != nil {
 			continue

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/ebpf-cni/ebpf-cni/internal/atomicfile"
+	"github.com/ebpf-cni/ebpf-cni/internal/config"
 )
 
 // install is the DaemonSet's init step: it copies the plugin into the CNI
@@ -33,15 +34,15 @@ func install(args []string) error {
 	if err := atomicfile.Write(filepath.Join(*binDir, "ebpf-cni"), data, 0o755); err != nil {
 		return err
 	}
-	conflist := map[string]any{
-		"cniVersion": *version,
-		"name":       *name,
-		"plugins": []any{
-			map[string]any{
-				"type":         "ebpf-cni",
-				"clusterCIDRs": splitList(*cluster),
-				"capabilities": map[string]bool{"bandwidth": true},
-				"ipam":         map[string]any{"ranges": [][]map[string]string{{{"subnet": "usePodCidr"}}}},
+	conflist := config.Conflist{
+		CNIVersion: *version,
+		Name:       *name,
+		Plugins: []any{
+			config.Plugin{
+				Type:         config.PluginType,
+				Capabilities: map[string]bool{"bandwidth": true},
+				Options:      config.Options{ClusterCIDRs: splitList(*cluster)},
+				IPAM:         &config.IPAM{Ranges: [][]config.Range{{{Subnet: config.UsePodCIDR}}}},
 			},
 			map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}},
 		},

@@ -11,26 +11,41 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/vishvananda/netlink"
 
+	"github.com/ebpf-cni/ebpf-cni/internal/config"
+	"github.com/ebpf-cni/ebpf-cni/internal/endpoint"
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 	"github.com/ebpf-cni/ebpf-cni/internal/maps"
 	"github.com/ebpf-cni/ebpf-cni/internal/nat"
+	"github.com/ebpf-cni/ebpf-cni/internal/nl"
 	"github.com/ebpf-cni/ebpf-cni/internal/veth"
 )
 
-// cmdAdd: config → datapath pins → IPAM → veth, addresses, routes → device
+// rollback is ADD's undo list: each step acquired registers its undo right
+// after, and on failure they run in reverse with their errors joined to the
+// ADD's (none is dropped).
+type rollback []func() error
+
+func (r *rollback) add(undo func() error) { *r = append(*r, undo) }
+
+// run undoes everything when *err is set; deferred once by ADD.
+func (r *rollback) run(err *error) {
+	if *err == nil {
+		return
+	}
+	for i := len(*r) - 1; i >= 0; i-- {
+		if uerr := (*r)[i](); uerr != nil {
+			*err = errors.Join(*err, fmt.Errorf("undo: %w", uerr))
+		}
+	}
+}
+
+// cmdAdd: config → IPAM → datapath pins → veth, addresses, routes → device
 // entry → attach → endpoint entries → record + masquerade → result. Each
 // step registers its undo, so a failure leaves nothing behind.
-func cmdAdd(args *skel.CmdArgs) (_ types.Result, retErr error) {
-	conf, err := parseConfig(args.StdinData)
+func cmdAdd(args *skel.CmdArgs, conf *config.NetConf) (_ types.Result, retErr error) {
+	pa, err := config.ParseArgs(args.Args)
 	if err != nil {
 		return nil, err
-	}
-	pa, err := parseArgs(args.Args)
-	if err != nil {
-		return nil, err
-	}
-	if conf.podCIDRErr != nil {
-		return nil, conf.podCIDRErr
 	}
 	mtu := conf.MTU
 	if mtu == 0 {
@@ -40,6 +55,15 @@ func cmdAdd(args *skel.CmdArgs) (_ types.Result, retErr error) {
 	if err := veth.CheckAbsent(args.Netns, args.IfName); err != nil {
 		return nil, err
 	}
+	var undo rollback
+	defer undo.run(&retErr)
+	owner := pa.Owner(args.ContainerID, args.IfName)
+	lease, err := conf.Addresses.Add(owner)
+	if err != nil {
+		return nil, err
+	}
+	undo.add(func() error { return conf.Addresses.Del(owner) })
+
 	progs, err := loader.Ensure(conf.PinRoot)
 	if err != nil {
 		return nil, fmt.Errorf("load datapath: %w", err)
@@ -51,22 +75,7 @@ func cmdAdd(args *skel.CmdArgs) (_ types.Result, retErr error) {
 	}
 	defer m.Close()
 
-	l, err := ipamAdd(conf, args, pa)
-	if err != nil {
-		return nil, err
-	}
-	defer func() {
-		if retErr != nil {
-			if err := ipamDel(conf, args); err != nil {
-				retErr = errors.Join(retErr, fmt.Errorf("undo: %w", err))
-			}
-		}
-	}()
-
-	addrs := make([]netip.Addr, len(l.ips))
-	for i, p := range l.ips {
-		addrs[i] = p.Addr()
-	}
+	addrs := lease.Addrs()
 	podMAC, hostMAC := veth.MACs(args.ContainerID, args.IfName)
 	host, pod, err := veth.Setup(veth.Pod{
 		NetNS:    args.Netns,
@@ -76,18 +85,14 @@ func cmdAdd(args *skel.CmdArgs) (_ types.Result, retErr error) {
 		PodMAC:   podMAC,
 		HostMAC:  hostMAC,
 		Addrs:    addrs,
-		Routes:   l.routes,
+		Routes:   lease.Routes,
 	})
 	if err != nil {
 		return nil, err
 	}
-	defer func() {
-		if retErr != nil {
-			veth.Teardown(host.Name)
-		}
-	}()
+	undo.add(func() error { return veth.Teardown(host.Name) })
 
-	dev := maps.Device{PodMAC: podMAC, HostMAC: hostMAC, Shaped: conf.shaped()}
+	dev := maps.Device{PodMAC: podMAC, HostMAC: hostMAC, Shaped: conf.Shaped()}
 	for _, a := range addrs {
 		if a.Is4() {
 			dev.IPv4 = a
@@ -98,81 +103,59 @@ func cmdAdd(args *skel.CmdArgs) (_ types.Result, retErr error) {
 	if err := m.PutDevice(host.Index, dev); err != nil {
 		return nil, err
 	}
-	defer func() {
-		if retErr != nil {
-			m.DeleteDevice(host.Index, podMAC)
-		}
-	}()
+	undo.add(func() error { return m.DeleteDevice(host.Index, podMAC) })
 	mode, err := progs.Attach(host.Index, host.Name, loader.Mode(conf.Attach))
 	if err != nil {
 		return nil, err
 	}
-	defer func() {
-		if retErr != nil {
-			loader.Detach(conf.PinRoot, host.Index, host.Name)
-		}
-	}()
+	undo.add(func() error { return loader.Detach(conf.PinRoot, host.Index, host.Name) })
 	for _, a := range addrs {
-		if err := m.PutEndpoint(maps.Endpoint{IP: a, Ifindex: host.Index, PodMAC: podMAC, HostMAC: hostMAC, Shaped: conf.shaped()}); err != nil {
+		if err := m.PutEndpoint(maps.Endpoint{IP: a, Ifindex: host.Index, PodMAC: podMAC, HostMAC: hostMAC, Shaped: conf.Shaped()}); err != nil {
 			return nil, err
 		}
-		defer func() {
-			if retErr != nil {
-				m.DeleteEndpoint(a, podMAC)
-			}
-		}()
+		undo.add(func() error { return m.DeleteEndpoint(a, podMAC) })
 	}
 	if err := veth.EnableForwarding(addrs); err != nil {
 		return nil, err
 	}
 
-	unlock, err := lockNetwork(conf.StateDir, conf.Name)
+	store := endpoint.NewStore(conf.StateDir, conf.Name)
+	unlock, err := store.Lock()
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	st := &endpointState{
+	rec := &endpoint.Record{
 		ContainerID: args.ContainerID, IfName: args.IfName, NetNS: args.Netns,
 		HostVeth: host.Name, HostIndex: host.Index,
 		PodMAC: podMAC.String(), HostMAC: hostMAC.String(),
-		IPs: l.ips, MTU: mtu, PodNamespace: pa.Namespace, PodName: pa.Name,
-		Attach: string(mode), IPAM: ipamName(conf),
+		IPs: lease.IPs, MTU: mtu, PodNamespace: owner.PodNamespace, PodName: owner.PodName,
+		Attach: string(mode), IPAM: conf.Addresses.Name(),
 	}
-	if err := writeState(conf.StateDir, conf.Name, st); err != nil {
+	if err := store.Write(rec); err != nil {
 		return nil, err
 	}
-	defer func() {
-		if retErr != nil {
-			removeState(conf.StateDir, conf.Name, args.ContainerID, args.IfName)
-		}
-	}()
+	undo.add(func() error { return store.Remove(args.ContainerID, args.IfName) })
 	if *conf.Masquerade {
 		var nets []netip.Prefix
-		for _, p := range l.ips {
+		for _, p := range lease.IPs {
 			nets = append(nets, p.Masked())
 		}
-		if err := nat.Ensure(conf.Name, nets, conf.clusterCIDRs); err != nil {
+		if err := nat.Ensure(conf.Name, nets, conf.ClusterPrefixes); err != nil {
 			return nil, err
 		}
 	}
-	return buildResult(conf, host, pod, mtu, addrs, l.routes)
-}
-
-func ipamName(c *NetConf) string {
-	if c.builtin {
-		return builtinIPAM
-	}
-	return c.IPAMConf.Type
+	return buildResult(conf, host, pod, mtu, addrs, lease.Routes)
 }
 
 // buildResult extends prevResult (when a plugin ran before us) with the host
 // veth, the pod interface, the pod's addresses and routes.
-func buildResult(conf *NetConf, host, pod veth.Link, mtu int, addrs []netip.Addr, routes []netip.Prefix) (types.Result, error) {
+func buildResult(conf *config.NetConf, host, pod veth.Link, mtu int, addrs []netip.Addr, routes []netip.Prefix) (types.Result, error) {
 	res := &current.Result{CNIVersion: current.ImplementedSpecVersion, DNS: conf.DNS}
 	if conf.PrevResult != nil {
 		prev, err := current.NewResultFromResult(conf.PrevResult)
 		if err != nil {
-			return nil, &decodeError{fmt.Errorf("prevResult: %w", err)}
+			return nil, &config.DecodeError{Err: fmt.Errorf("prevResult: %w", err)}
 		}
 		res = prev
 		res.CNIVersion = current.ImplementedSpecVersion
@@ -217,8 +200,8 @@ func buildResult(conf *NetConf, host, pod veth.Link, mtu int, addrs []netip.Addr
 // (IPv4 first, then IPv6), 1500 when there is none.
 func defaultMTU() int {
 	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: 254}, netlink.RT_FILTER_TABLE)
-		if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		routes, err := nl.RouteListFiltered(fam, &netlink.Route{Table: 254}, netlink.RT_FILTER_TABLE)
+		if err != nil {
 			continue
 		}
 		for _, r := range routes {

@@ -1,17 +1,18 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
 
-	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 
+	"github.com/ebpf-cni/ebpf-cni/internal/config"
+	"github.com/ebpf-cni/ebpf-cni/internal/endpoint"
+	"github.com/ebpf-cni/ebpf-cni/internal/ipam"
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 	"github.com/ebpf-cni/ebpf-cni/internal/maps"
 	"github.com/ebpf-cni/ebpf-cni/internal/veth"
@@ -20,23 +21,20 @@ import (
 // cmdCheck compares the attachment with prevResult (interface, addresses,
 // routes) and with what only ebpf-cni knows (map entries, program
 // attachments, reservations). Every drift is reported, not just the first.
-func cmdCheck(args *skel.CmdArgs) (types.Result, error) {
-	conf, err := parseConfig(args.StdinData)
-	if err != nil {
-		return nil, err
-	}
+// It takes no lock and changes nothing.
+func cmdCheck(args *skel.CmdArgs, conf *config.NetConf) (types.Result, error) {
 	if conf.PrevResult == nil {
-		return nil, invalid("prevResult", "missing: CHECK needs the result of ADD")
+		return nil, config.Invalid("prevResult", "missing: CHECK needs the result of ADD")
 	}
 	prev, err := current.NewResultFromResult(conf.PrevResult)
 	if err != nil {
-		return nil, &decodeError{fmt.Errorf("prevResult: %w", err)}
+		return nil, &config.DecodeError{Err: fmt.Errorf("prevResult: %w", err)}
 	}
-	st, err := readState(conf.StateDir, conf.Name, args.ContainerID, args.IfName)
+	rec, err := endpoint.NewStore(conf.StateDir, conf.Name).Read(args.ContainerID, args.IfName)
 	if err != nil {
 		return nil, err
 	}
-	if st == nil {
+	if rec == nil {
 		return nil, types.NewError(types.ErrUnknownContainer,
 			fmt.Sprintf("no attachment %s/%s on network %s", args.ContainerID, args.IfName, conf.Name), "")
 	}
@@ -53,13 +51,13 @@ func cmdCheck(args *skel.CmdArgs) (types.Result, error) {
 	var addrs []netip.Addr
 	for _, ipc := range prev.IPs {
 		if ipc.Interface != nil && *ipc.Interface == podIdx {
-			if p, ok := prefixOf(ipc.Address); ok {
+			if p, ok := ipam.PrefixOf(ipc.Address); ok {
 				addrs = append(addrs, p.Addr())
 			}
 		}
 	}
 	var drift []error
-	for _, a := range st.addrs() {
+	for _, a := range rec.Addrs() {
 		if !slices.Contains(addrs, a) {
 			drift = append(drift, fmt.Errorf("address %s of the attachment is not in prevResult", a))
 		}
@@ -67,26 +65,26 @@ func cmdCheck(args *skel.CmdArgs) (types.Result, error) {
 	var routes []netip.Prefix
 	for _, r := range prev.Routes {
 		gw, _ := netip.AddrFromSlice(r.GW)
-		if p, ok := prefixOf(r.Dst); ok && (gw.Unmap() == veth.GatewayV4 || gw.Unmap() == veth.GatewayV6) {
+		if p, ok := ipam.PrefixOf(r.Dst); ok && (gw.Unmap() == veth.GatewayV4 || gw.Unmap() == veth.GatewayV6) {
 			routes = append(routes, p.Masked())
 		}
 	}
-	podMAC, hostMAC := st.macs()
+	podMAC, hostMAC := rec.MACs()
 	drift = append(drift, veth.Check(veth.Pod{
-		NetNS: args.Netns, IfName: args.IfName, HostName: st.HostVeth, MTU: st.MTU,
+		NetNS: args.Netns, IfName: args.IfName, HostName: rec.HostVeth, MTU: rec.MTU,
 		PodMAC: podMAC, HostMAC: hostMAC, Addrs: addrs, Routes: routes,
 	}))
 
-	idx := veth.HostIndex(st.HostVeth)
-	drift = append(drift, checkDatapath(conf, st, idx, addrs))
-	drift = append(drift, checkIPAM(conf, args, addrs))
+	idx := veth.HostIndex(rec.HostVeth)
+	drift = append(drift, checkDatapath(conf, rec, idx, addrs))
+	drift = append(drift, conf.Addresses.Check(ipam.Owner{ContainerID: args.ContainerID, IfName: args.IfName}, addrs))
 	if err := errors.Join(drift...); err != nil {
 		return nil, fmt.Errorf("check %s/%s: %w", args.ContainerID, args.IfName, err)
 	}
 	return nil, nil
 }
 
-func checkDatapath(conf *NetConf, st *endpointState, idx int, addrs []netip.Addr) error {
+func checkDatapath(conf *config.NetConf, rec *endpoint.Record, idx int, addrs []netip.Addr) error {
 	if idx == 0 {
 		return nil // the missing veth is already reported
 	}
@@ -102,36 +100,19 @@ func checkDatapath(conf *NetConf, st *endpointState, idx int, addrs []netip.Addr
 		case err != nil:
 			drift = append(drift, fmt.Errorf("endpoints map: %w", err))
 		case ep.Ifindex != idx:
-			drift = append(drift, fmt.Errorf("endpoints map: %s points at ifindex %d, want %d (%s)", a, ep.Ifindex, idx, st.HostVeth))
+			drift = append(drift, fmt.Errorf("endpoints map: %s points at ifindex %d, want %d (%s)", a, ep.Ifindex, idx, rec.HostVeth))
 		}
 	}
 	if _, err := m.Device(idx); err != nil {
 		drift = append(drift, fmt.Errorf("devices map: %w", err))
 	}
-	att, err := loader.Attached(conf.PinRoot, idx, st.HostVeth)
+	att, err := loader.Attached(conf.PinRoot, idx, rec.HostVeth)
 	if err != nil {
 		return errors.Join(append(drift, err)...)
 	}
 	for _, a := range att {
 		if a.Mode == "" {
-			drift = append(drift, fmt.Errorf("no ebpf-cni program on %s %s", st.HostVeth, a.Hook))
-		}
-	}
-	return errors.Join(drift...)
-}
-
-func checkIPAM(conf *NetConf, args *skel.CmdArgs, addrs []netip.Addr) error {
-	if !conf.builtin {
-		if err := invoke.DelegateCheck(context.Background(), conf.IPAMConf.Type, args.StdinData, nil); err != nil {
-			return fmt.Errorf("ipam plugin %s CHECK: %w", conf.IPAMConf.Type, err)
-		}
-		return nil
-	}
-	held := reserved(conf, args.ContainerID, args.IfName)
-	var drift []error
-	for _, a := range addrs {
-		if !slices.Contains(held, a) {
-			drift = append(drift, fmt.Errorf("ipam: %s is not reserved for %s/%s", a, args.ContainerID, args.IfName))
+			drift = append(drift, fmt.Errorf("no ebpf-cni program on %s %s", rec.HostVeth, a.Hook))
 		}
 	}
 	return errors.Join(drift...)

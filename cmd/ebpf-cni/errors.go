@@ -5,6 +5,7 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 
+	"github.com/ebpf-cni/ebpf-cni/internal/config"
 	"github.com/ebpf-cni/ebpf-cni/internal/flock"
 	"github.com/ebpf-cni/ebpf-cni/internal/ipam"
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
@@ -15,6 +16,9 @@ import (
 const (
 	// errNotReady is STATUS's "cannot serve ADD" (the spec's 50).
 	errNotReady uint = 50
+	// errImpaired is STATUS's "cannot serve ADD, and existing pods may be
+	// impaired" (the spec's 51).
+	errImpaired uint = 51
 	// errIPAMExhausted is ours (the spec leaves 100+ to plugins).
 	errIPAMExhausted uint = 100
 )
@@ -32,13 +36,16 @@ func toCNI(err error) error {
 		// Keep the code, and the context wrapped around it.
 		return types.NewError(ce.Code, err.Error(), ce.Details)
 	}
-	var cfg *configError
-	var dec *decodeError
+	var fe *config.FieldError
+	var de *config.DecodeError
+	var ae *config.ArgsError
 	switch {
-	case errors.As(err, &cfg):
+	case errors.As(err, &fe):
 		return types.NewError(types.ErrInvalidNetworkConfig, err.Error(), "")
-	case errors.As(err, &dec):
+	case errors.As(err, &de):
 		return types.NewError(types.ErrDecodingFailure, err.Error(), "")
+	case errors.As(err, &ae):
+		return types.NewError(types.ErrInvalidEnvironmentVariables, err.Error(), "")
 	case errors.Is(err, flock.ErrTimeout): // also ipam.ErrLockTimeout
 		return types.NewError(types.ErrTryAgainLater, err.Error(), "another CNI call holds the node lock; try again later")
 	case errors.Is(err, node.ErrUnknown):

@@ -8,36 +8,41 @@ import (
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/config"
 )
 
-// verb is one CNI command: it returns the result to print (nil for verbs
-// without output) or an error.
-type verb func(args *skel.CmdArgs) (types.Result, error)
+// verb is one CNI command on the decoded config: it returns the result to
+// print (nil for verbs without output) or an error.
+type verb func(args *skel.CmdArgs, conf *config.NetConf) (types.Result, error)
 
-// logged adapts a verb to skel: maps its error to a CNI error, prints its
-// result in the config's cniVersion and, when the config names a logFile,
-// appends one JSON line per call (command, CNI_* env, stdin, result or
-// error). Nothing but the result ever goes to stdout.
+// logged adapts a verb to skel: decodes stdin (once), maps the verb's error
+// to a CNI error, prints its result in the config's cniVersion and, when the
+// config names a logFile, appends one JSON line per call (command, CNI_*
+// env, stdin, result or error). Nothing but the result goes to stdout.
 func logged(command string, fn verb) func(*skel.CmdArgs) error {
 	return func(args *skel.CmdArgs) error {
 		start := time.Now()
-		res, err := fn(args)
+		conf, err := config.Parse(args.StdinData)
+		var res types.Result
+		if err == nil {
+			res, err = fn(args, conf)
+		}
 		err = toCNI(err)
 		var out any
 		if err == nil && res != nil {
 			out = res
 			err = toCNI(types.PrintResult(res, res.Version()))
 		}
-		writeLog(args.StdinData, command, start, out, err)
+		if conf != nil {
+			writeLog(conf.LogFile, args.StdinData, command, start, out, err)
+		}
 		return err
 	}
 }
 
-func writeLog(stdin []byte, command string, start time.Time, result any, err error) {
-	var conf struct {
-		LogFile string `json:"logFile"`
-	}
-	if json.Unmarshal(stdin, &conf) != nil || conf.LogFile == "" {
+func writeLog(logFile string, stdin []byte, command string, start time.Time, result any, err error) {
+	if !strings.HasPrefix(logFile, "/") {
 		return
 	}
 	env := map[string]string{}
@@ -52,7 +57,7 @@ func writeLog(stdin []byte, command string, start time.Time, result any, err err
 		"command":  command,
 		"duration": time.Since(start).String(),
 		"env":      env,
-		"stdin":    stdinForLog(stdin),
+		"stdin":    json.RawMessage(stdin), // Parse decoded it: valid JSON
 	}
 	if err != nil {
 		entry["error"] = err
@@ -63,17 +68,10 @@ func writeLog(stdin []byte, command string, start time.Time, result any, err err
 	if mErr != nil {
 		return
 	}
-	f, oErr := os.OpenFile(conf.LogFile, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	f, oErr := os.OpenFile(logFile, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 	if oErr != nil {
 		return
 	}
 	defer f.Close()
 	f.Write(append(line, '\n'))
-}
-
-func stdinForLog(stdin []byte) any {
-	if json.Valid(stdin) {
-		return json.RawMessage(stdin)
-	}
-	return string(stdin)
 }

@@ -3,7 +3,9 @@
 // the destination pod, and pinned maps that outlive the plugin.
 //
 // Run by a runtime (CNI_COMMAND set) it serves ADD, DEL, CHECK, STATUS, GC
-// and VERSION; run by a person with arguments it serves `inspect`.
+// and VERSION; run by a person with arguments it serves `inspect`. Each verb
+// is one file; the model it works on lives in internal/ (config, endpoint,
+// ipam, loader, maps, veth, nat).
 package main
 
 import (
@@ -11,11 +13,9 @@ import (
 	"runtime"
 
 	"github.com/containernetworking/cni/pkg/skel"
-	"github.com/containernetworking/cni/pkg/version"
-)
 
-// supportedVersions are the CNI spec versions this plugin speaks.
-var supportedVersions = version.PluginSupports("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+	"github.com/ebpf-cni/ebpf-cni/internal/config"
+)
 
 func main() {
 	// Netlink handles and namespace switches belong to one OS thread.
@@ -29,5 +29,5 @@ func main() {
 		Check:  logged("CHECK", cmdCheck),
 		GC:     logged("GC", cmdGC),
 		Status: logged("STATUS", cmdStatus),
-	}, supportedVersions, "ebpf-cni: eBPF CNI plugin (veth + tc redirect, no bridge)")
+	}, config.SupportedVersions, "ebpf-cni: eBPF CNI plugin (veth + tc redirect, no bridge)")
 }

@@ -1,9 +1,30 @@
 // Package flock is the bounded-wait exclusive file lock every ebpf-cni
-// process uses to serialise work on shared node state (IPAM records, the
-// first creation of shared pins, a network's masquerade rules).
+// process uses to serialise work on shared node state.
 //
 // A lock is an flock(2) on an open file description, so it is released when
-// the holder exits, even on a crash: no stale lock files to clean up.
+// the holder exits, even on a crash: no stale lock files to clean up. Every
+// wait is bounded by DefaultWait; a timeout becomes CNI error 11 (try again
+// later).
+//
+// The node's locks, what each guards, and who takes it:
+//
+//	/run/ebpf-cni/bpffs.lock      mounting bpffs at /sys/fs/bpf (loader.EnsureBPFFS;
+//	                              the lock cannot live on bpffs itself)
+//	<pinRoot> (the directory)     first creation of the pinned maps and programs
+//	                              (loader.Ensure)
+//	<dataDir>/<network>/lock      the built-in IPAM's reservations, owner index and
+//	                              round-robin cursor (ipam.DiskStore.Lock)
+//	<stateDir>/<network>/lock     the network's endpoint records together with its
+//	                              masquerade rules (endpoint.Store.Lock)
+//	/run/ebpf-cni/nat.lock        the nftables table inet ebpf-cni, shared by every
+//	                              network (nat.Ensure, nat.Remove)
+//
+// Order: a process holds at most two at once, and only as network lock then
+// nat lock. Every other lock is taken and released on its own: ADD takes the
+// IPAM lock (allocate), then bpffs and the pin root (first ADD only), then
+// the network lock with the nat lock inside it; DEL and GC take the IPAM
+// lock (release), then the network lock with the nat lock inside it. Read-only
+// verbs (STATUS, CHECK) and `ebpf-cni inspect` take none and change nothing.
 package flock
 
 import (

@@ -44,24 +44,29 @@ type DiskStore struct {
 
 var _ Store = (*DiskStore)(nil)
 
-// NewDiskStore opens the store in dir (for example
-// /var/lib/ebpf-cni/ipam/<network>), creating the directory with mode 0700
-// when it is missing.
-func NewDiskStore(dir string) (*DiskStore, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("create ipam store %s: %w", dir, err)
-	}
-	return &DiskStore{dir: dir}, nil
+// NewDiskStore returns the store in dir (for example
+// /var/lib/ebpf-cni/ipam/<network>). Nothing is created until the first
+// write: reading a store that does not exist yet finds no reservation.
+func NewDiskStore(dir string) *DiskStore {
+	return &DiskStore{dir: dir}
 }
 
-// Dir returns the store's directory.
-func (s *DiskStore) Dir() string { return s.dir }
+// create makes the store's directory (mode 0700) on the first write.
+func (s *DiskStore) create() error {
+	if err := os.MkdirAll(s.dir, 0o700); err != nil {
+		return fmt.Errorf("create ipam store %s: %w", s.dir, err)
+	}
+	return nil
+}
 
 // Lock implements Store with the node's flock on <dir>/lock. Each call opens
 // the lock file anew: flock belongs to the open file description, so two
 // Locks conflict whether they come from two processes, two DiskStores or two
 // goroutines sharing one.
 func (s *DiskStore) Lock(timeout time.Duration) (func(), error) {
+	if err := s.create(); err != nil {
+		return nil, err
+	}
 	return flock.Acquire(filepath.Join(s.dir, lockFile), timeout)
 }
 
@@ -125,6 +130,9 @@ func (s *DiskStore) Reserve(rec Record, rangeID string) (bool, error) {
 // writeTemp writes data to a new fsynced temp file in the store's directory
 // and returns its path.
 func (s *DiskStore) writeTemp(data []byte) (string, error) {
+	if err := s.create(); err != nil {
+		return "", err
+	}
 	f, err := os.CreateTemp(s.dir, tempPattern)
 	if err != nil {
 		return "", fmt.Errorf("create temp file: %w", err)
@@ -155,6 +163,9 @@ func (s *DiskStore) writeFile(path string, data []byte) error {
 // syncDir makes renames, links and removals in the directory durable.
 func (s *DiskStore) syncDir() error {
 	d, err := os.Open(s.dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil // never written: nothing to make durable
+	}
 	if err != nil {
 		return fmt.Errorf("open %s: %w", s.dir, err)
 	}
@@ -333,6 +344,9 @@ func (s *DiskStore) remove(ip netip.Addr) error {
 // are skipped.
 func (s *DiskStore) List() ([]Record, error) {
 	entries, err := os.ReadDir(s.dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return []Record{}, nil
+	}
 	if err != nil {
 		return nil, fmt.Errorf("list reservations in %s: %w", s.dir, err)
 	}

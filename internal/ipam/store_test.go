@@ -25,10 +25,7 @@ func stores(t *testing.T, test func(t *testing.T, newStore func() Store)) {
 		dir := filepath.Join(t.TempDir(), "ipam", "net")
 		test(t, func() Store {
 			// Each call opens the same directory anew, like another process.
-			s, err := NewDiskStore(dir)
-			if err != nil {
-				t.Fatalf("NewDiskStore: %v", err)
-			}
+			s := NewDiskStore(dir)
 			return s
 		})
 	})
@@ -208,16 +205,20 @@ func TestStoreLockExcludes(t *testing.T) {
 
 func TestDiskStoreFiles(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "net")
-	s, err := NewDiskStore(dir)
-	if err != nil {
-		t.Fatalf("NewDiskStore: %v", err)
+	s := NewDiskStore(dir)
+	// Opening and reading a store changes nothing on the node (STATUS reads it).
+	if list, err := s.List(); err != nil || len(list) != 0 {
+		t.Fatalf("List of a new store = %v, %v; want empty", list, err)
 	}
-	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm() != 0o700 {
-		t.Fatalf("store dir: %v, %v; want mode 0700", fi, err)
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("store dir exists before the first write: %v", err)
 	}
 	r := Record{IP: addr("fd00::a"), ContainerID: "abc", IfName: "eth0", PodNamespace: "kube-system", PodName: "dns"}
 	if ok, err := s.Reserve(r, "1"); !ok || err != nil {
 		t.Fatalf("Reserve = %v, %v", ok, err)
+	}
+	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("store dir: %v, %v; want mode 0700", fi, err)
 	}
 
 	data, err := os.ReadFile(filepath.Join(dir, "fd00::a"))
@@ -261,10 +262,7 @@ func TestDiskStoreFiles(t *testing.T) {
 
 func TestDiskStoreListIgnoresStrayFiles(t *testing.T) {
 	dir := t.TempDir()
-	s, err := NewDiskStore(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := NewDiskStore(dir)
 	if ok, err := s.Reserve(rec("10.0.0.5", "a", "eth0"), "0"); !ok || err != nil {
 		t.Fatalf("Reserve = %v, %v", ok, err)
 	}
@@ -299,10 +297,7 @@ func TestDiskStoreListIgnoresStrayFiles(t *testing.T) {
 
 func TestDiskStoreCorruptRecord(t *testing.T) {
 	dir := t.TempDir()
-	s, err := NewDiskStore(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := NewDiskStore(dir)
 	for name, content := range map[string]string{
 		"10.0.0.1": "{not json",
 		"10.0.0.2": `{"ip":"10.0.0.3","containerID":"a","ifName":"eth0"}`,
@@ -337,11 +332,7 @@ func TestDiskStoreConcurrentAllocate(t *testing.T) {
 		wg.Go(func() {
 			// Own DiskStore and Allocator per goroutine: own open of the lock
 			// file, so flock conflicts as between processes.
-			s, err := NewDiskStore(dir)
-			if err != nil {
-				errs[i] = err
-				return
-			}
+			s := NewDiskStore(dir)
 			results[i], errs[i] = NewAllocator(s, sets).Allocate(owner(i), 10*time.Second)
 		})
 	}
@@ -364,10 +355,7 @@ func TestDiskStoreConcurrentAllocate(t *testing.T) {
 			seen[r.IP] = i
 		}
 	}
-	s, err := NewDiskStore(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := NewDiskStore(dir)
 	list, err := s.List()
 	if err != nil {
 		t.Fatalf("List: %v", err)
@@ -387,10 +375,7 @@ func TestDiskStoreConcurrentAllocate(t *testing.T) {
 }
 
 func TestDiskStoreAllocateIPv6(t *testing.T) {
-	s, err := NewDiskStore(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := NewDiskStore(t.TempDir())
 	a := NewAllocator(s, mustValidate(t, RangeSet{{Subnet: pfx("fd00::/120"), Gateway: addr("fd00::1")}}))
 	for i, want := range []string{"fd00::2", "fd00::3"} {
 		if got := allocIPs(t, a, owner(i)); got[0] != want {
@@ -412,10 +397,7 @@ func TestDiskStoreAllocateIPv6(t *testing.T) {
 // record; GC's Release keeps it in step.
 func TestDiskStoreOwnerIndex(t *testing.T) {
 	dir := t.TempDir()
-	s, err := NewDiskStore(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := NewDiskStore(dir)
 	a, b := netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("fd00::2")
 	for _, ip := range []netip.Addr{a, b} {
 		if ok, err := s.Reserve(Record{IP: ip, ContainerID: "c1", IfName: "eth0"}, "0"); !ok || err != nil {
@@ -430,7 +412,7 @@ func TestDiskStoreOwnerIndex(t *testing.T) {
 		t.Fatalf("Owned(c1) = %v, %v; want %s and %s", owned, err, a, b)
 	}
 	// A second store instance (another process) sees the same index.
-	s2, _ := NewDiskStore(dir)
+	s2 := NewDiskStore(dir)
 	if err := s2.Release(a); err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,8 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/nl"
 )
 
 // Mode says how programs are attached to a host veth.
@@ -49,6 +51,35 @@ func (p *Programs) prog(h hook) *ebpf.Program {
 
 func linkPin(root, ifname, dir string) string {
 	return filepath.Join(LinkDir(root), ifname+"-"+dir)
+}
+
+// Orphans lists the interfaces that have link pins under root but no
+// longer exist (a veth deleted with its pod's namespace).
+func Orphans(root string) ([]string, error) {
+	pins, err := os.ReadDir(LinkDir(root))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list link pins: %w", err)
+	}
+	seen := map[string]bool{}
+	var out []string
+	for _, p := range pins {
+		for _, h := range hooks {
+			ifname, ok := strings.CutSuffix(p.Name(), "-"+h.dir)
+			if !ok || ifname == "" || seen[ifname] {
+				continue
+			}
+			seen[ifname] = true
+			_, err := netlink.LinkByName(ifname)
+			var nf netlink.LinkNotFoundError
+			if errors.As(err, &nf) {
+				out = append(out, ifname)
+			}
+		}
+	}
+	return out, nil
 }
 
 // Attach puts from_pod on ingress and to_pod on egress of the host veth and
@@ -175,7 +206,7 @@ func detachTC(ifindex int, ifname string) error {
 	}
 	var errs []error
 	for _, h := range hooks {
-		filters, err := netlink.FilterList(lnk, h.parent)
+		filters, err := nl.FilterList(lnk, h.parent)
 		if err != nil {
 			continue // no clsact: nothing of ours
 		}
@@ -234,7 +265,7 @@ func attachedAt(root string, ifindex int, ifname string, h hook) (Attachment, er
 	if err != nil {
 		return a, nil
 	}
-	filters, err := netlink.FilterList(lnk, h.parent)
+	filters, err := nl.FilterList(lnk, h.parent)
 	if err != nil {
 		return a, nil
 	}

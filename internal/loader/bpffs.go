@@ -58,10 +58,18 @@ func EnsureBPFFS(root string) error {
 	return nil
 }
 
-// BPFFSMounted reports whether root is on bpffs, without mounting anything.
-func BPFFSMounted(root string) (bool, error) {
-	ok, _, err := onBPFFS(root)
-	return ok, err
+// CheckBPFFS reports, without mounting anything, whether an ADD could pin
+// under root: root is on bpffs, or lies under /sys/fs/bpf where ADD mounts
+// it. It wraps ErrNoBPFFS otherwise.
+func CheckBPFFS(root string) error {
+	ok, at, err := onBPFFS(root)
+	if err != nil || ok {
+		return err
+	}
+	if root == DefaultMount || strings.HasPrefix(root, DefaultMount+"/") {
+		return nil
+	}
+	return fmt.Errorf("pin root %s (%s is not bpffs): %w", root, at, ErrNoBPFFS)
 }
 
 // onBPFFS walks up from path to the first existing directory and reports

@@ -128,12 +128,6 @@ type DatapathMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DatapathVariableSpecs struct {
-	UnusedDeviceInfo    *ebpf.VariableSpec `ebpf:"unused_device_info"`
-	UnusedEndpointInfo  *ebpf.VariableSpec `ebpf:"unused_endpoint_info"`
-	UnusedEndpointKey   *ebpf.VariableSpec `ebpf:"unused_endpoint_key"`
-	UnusedEndpointStats *ebpf.VariableSpec `ebpf:"unused_endpoint_stats"`
-	UnusedFlowInfo      *ebpf.VariableSpec `ebpf:"unused_flow_info"`
-	UnusedFlowKey       *ebpf.VariableSpec `ebpf:"unused_flow_key"`
 }
 
 // DatapathObjects contains all objects after they have been loaded into the kernel.
@@ -175,12 +169,6 @@ func (m *DatapathMaps) Close() error {
 //
 // It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DatapathVariables struct {
-	UnusedDeviceInfo    *ebpf.Variable `ebpf:"unused_device_info"`
-	UnusedEndpointInfo  *ebpf.Variable `ebpf:"unused_endpoint_info"`
-	UnusedEndpointKey   *ebpf.Variable `ebpf:"unused_endpoint_key"`
-	UnusedEndpointStats *ebpf.Variable `ebpf:"unused_endpoint_stats"`
-	UnusedFlowInfo      *ebpf.Variable `ebpf:"unused_flow_info"`
-	UnusedFlowKey       *ebpf.Variable `ebpf:"unused_flow_key"`
 }
 
 // DatapathPrograms contains all programs after they have been loaded into the kernel.

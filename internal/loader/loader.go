@@ -22,6 +22,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 
 	"github.com/cilium/ebpf"
 
@@ -93,12 +94,26 @@ func Ensure(root string) (*Programs, error) {
 
 // mapsPinned reports whether every map of this build is pinned under root.
 func mapsPinned(root string) bool {
-	for _, name := range []string{MapEndpoints, MapDevices, MapStats, MapHostFlows} {
+	for _, name := range MapNames() {
 		if _, err := os.Stat(filepath.Join(root, name)); err != nil {
 			return false
 		}
 	}
 	return true
+}
+
+// MapNames lists the pin names of this build's maps, read from the
+// generated DatapathMaps (each field's `ebpf` tag), so a map added to
+// bpf/datapath.h needs no hand-kept list.
+func MapNames() []string {
+	t := reflect.TypeFor[DatapathMaps]()
+	out := make([]string, 0, t.NumField())
+	for i := range t.NumField() {
+		if name := t.Field(i).Tag.Get("ebpf"); name != "" {
+			out = append(out, name)
+		}
+	}
+	return out
 }
 
 // Open loads this build's pinned programs; ErrNotLoaded when absent.

@@ -30,41 +30,36 @@ var ErrTaken = errors.New("address is mapped to another endpoint")
 
 // Maps holds the node's datapath maps.
 type Maps struct {
-	endpoints *ebpf.Map
-	devices   *ebpf.Map
-	stats     *ebpf.Map
-	hostFlows *ebpf.Map
+	d loader.DatapathMaps
 }
 
-// Open opens the maps pinned under root. It wraps loader.ErrNotLoaded when
-// no ADD has created them yet.
+// Open opens every map of the generated loader.DatapathMaps pinned under
+// root. It wraps loader.ErrNotLoaded when no ADD has created them yet.
 func Open(root string) (*Maps, error) {
-	var ms []*ebpf.Map
-	for _, name := range []string{loader.MapEndpoints, loader.MapDevices, loader.MapStats, loader.MapHostFlows} {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(root, name), nil)
+	m := &Maps{}
+	v := reflect.ValueOf(&m.d).Elem()
+	for i := range v.NumField() {
+		name := v.Type().Field(i).Tag.Get("ebpf")
+		pinned, err := ebpf.LoadPinnedMap(filepath.Join(root, name), nil)
 		if err != nil {
-			for _, o := range ms {
-				o.Close()
-			}
+			m.d.Close()
 			if errors.Is(err, os.ErrNotExist) {
 				return nil, fmt.Errorf("open pinned map %s: %w", name, loader.ErrNotLoaded)
 			}
 			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
 		}
-		ms = append(ms, m)
+		v.Field(i).Set(reflect.ValueOf(pinned))
 	}
-	return &Maps{endpoints: ms[0], devices: ms[1], stats: ms[2], hostFlows: ms[3]}, nil
+	return m, nil
 }
 
 // FromObjects wraps the maps of an unpinned load (tests of the programs).
 func FromObjects(objs *loader.DatapathObjects) *Maps {
-	return &Maps{endpoints: objs.EndpointsV1, devices: objs.DevicesV1, stats: objs.EpStatsV1, hostFlows: objs.HostFlowsV1}
+	return &Maps{d: objs.DatapathMaps}
 }
 
 // Close releases the handles; the pins keep the maps.
-func (m *Maps) Close() error {
-	return errors.Join(m.endpoints.Close(), m.devices.Close(), m.stats.Close(), m.hostFlows.Close())
-}
+func (m *Maps) Close() error { return m.d.Close() }
 
 // Endpoint is one entry of endpoints_v1: where a pod address lives.
 type Endpoint struct {
@@ -149,13 +144,13 @@ func (m *Maps) PutEndpoint(ep Endpoint) error {
 	}
 	k := endpointKey(ep.IP)
 	v := loader.DatapathEndpointInfo{Ifindex: uint32(ep.Ifindex), PodMac: pod, HostMac: host, Flags: flags}
-	err = m.endpoints.Update(&k, &v, ebpf.UpdateNoExist)
+	err = m.d.EndpointsV1.Update(&k, &v, ebpf.UpdateNoExist)
 	if errors.Is(err, ebpf.ErrKeyExist) {
 		old, lerr := m.Endpoint(ep.IP)
 		if lerr == nil && !bytes.Equal(old.PodMAC, ep.PodMAC) {
 			return fmt.Errorf("put endpoint %s: %w (pod MAC %s, host ifindex %d)", ep.IP, ErrTaken, old.PodMAC, old.Ifindex)
 		}
-		err = m.endpoints.Put(&k, &v) // the same pod again (a retried ADD)
+		err = m.d.EndpointsV1.Put(&k, &v) // the same pod again (a retried ADD)
 	}
 	if err != nil {
 		return fmt.Errorf("put endpoint %s: %w", ep.IP, err)
@@ -167,7 +162,7 @@ func (m *Maps) PutEndpoint(ep Endpoint) error {
 func (m *Maps) Endpoint(ip netip.Addr) (Endpoint, error) {
 	k := endpointKey(ip)
 	var v loader.DatapathEndpointInfo
-	if err := m.endpoints.Lookup(&k, &v); err != nil {
+	if err := m.d.EndpointsV1.Lookup(&k, &v); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return Endpoint{}, fmt.Errorf("endpoint %s: %w", ip, ErrNotFound)
 		}
@@ -201,7 +196,7 @@ func (m *Maps) DeleteEndpoint(ip netip.Addr, podMAC net.HardwareAddr) error {
 		return nil // the address belongs to another endpoint now
 	}
 	k := endpointKey(ip)
-	if err := m.endpoints.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := m.d.EndpointsV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete endpoint %s: %w", ip, err)
 	}
 	return nil
@@ -214,7 +209,7 @@ func (m *Maps) Endpoints() ([]Endpoint, error) {
 		k   loader.DatapathEndpointKey
 		v   loader.DatapathEndpointInfo
 	)
-	it := m.endpoints.Iterate()
+	it := m.d.EndpointsV1.Iterate()
 	for it.Next(&k, &v) {
 		out = append(out, toEndpoint(k, v))
 	}
@@ -248,10 +243,10 @@ func (m *Maps) PutDevice(ifindex int, d Device) error {
 	}
 	key := uint32(ifindex)
 	zero := make([]Stats, ebpf.MustPossibleCPU())
-	if err := m.stats.Put(&key, zero); err != nil {
+	if err := m.d.EpStatsV1.Put(&key, zero); err != nil {
 		return fmt.Errorf("reset counters of ifindex %d: %w", ifindex, err)
 	}
-	if err := m.devices.Put(&key, &v); err != nil {
+	if err := m.d.DevicesV1.Put(&key, &v); err != nil {
 		return fmt.Errorf("put device %d: %w", ifindex, err)
 	}
 	return nil
@@ -261,7 +256,7 @@ func (m *Maps) PutDevice(ifindex int, d Device) error {
 func (m *Maps) Device(ifindex int) (Device, error) {
 	key := uint32(ifindex)
 	var v loader.DatapathDeviceInfo
-	if err := m.devices.Lookup(&key, &v); err != nil {
+	if err := m.d.DevicesV1.Lookup(&key, &v); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return Device{}, fmt.Errorf("device %d: %w", ifindex, ErrNotFound)
 		}
@@ -288,7 +283,7 @@ func (m *Maps) Devices() (map[int]Device, error) {
 		k uint32
 		v loader.DatapathDeviceInfo
 	)
-	it := m.devices.Iterate()
+	it := m.d.DevicesV1.Iterate()
 	for it.Next(&k, &v) {
 		out[int(k)] = toDevice(v)
 	}
@@ -314,7 +309,7 @@ func (m *Maps) DeleteDevice(ifindex int, podMAC net.HardwareAddr) error {
 	}
 	key := uint32(ifindex)
 	var errs []error
-	for _, mp := range []*ebpf.Map{m.devices, m.stats} {
+	for _, mp := range []*ebpf.Map{m.d.DevicesV1, m.d.EpStatsV1} {
 		if err := mp.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			errs = append(errs, fmt.Errorf("delete ifindex %d from %s: %w", ifindex, mp, err))
 		}
@@ -326,7 +321,7 @@ func (m *Maps) DeleteDevice(ifindex int, podMAC net.HardwareAddr) error {
 func (m *Maps) Stats(ifindex int) (Stats, error) {
 	key := uint32(ifindex)
 	var per []Stats
-	if err := m.stats.Lookup(&key, &per); err != nil {
+	if err := m.d.EpStatsV1.Lookup(&key, &per); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return Stats{}, fmt.Errorf("counters of %d: %w", ifindex, ErrNotFound)
 		}
@@ -359,7 +354,7 @@ func (m *Maps) HostFlows() (int, error) {
 		v loader.DatapathFlowInfo
 		n int
 	)
-	it := m.hostFlows.Iterate()
+	it := m.d.HostFlowsV1.Iterate()
 	for it.Next(&k, &v) {
 		n++
 	}

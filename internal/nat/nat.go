@@ -208,25 +208,3 @@ func Remove(network string) error {
 	}
 	return nil
 }
-
-// Prefixes returns the prefixes masqueraded for the network.
-func Prefixes(network string) ([]netip.Prefix, error) {
-	c, err := conn()
-	if err != nil {
-		return nil, err
-	}
-	existing, err := rules(c)
-	if err != nil {
-		return nil, err
-	}
-	var out []netip.Prefix
-	for _, r := range existing {
-		if rest, ok := strings.CutPrefix(commentOf(r), "ebpf-cni "+network+" "); ok {
-			rest, _, _ = strings.Cut(rest, " ")
-			if p, err := netip.ParsePrefix(rest); err == nil {
-				out = append(out, p)
-			}
-		}
-	}
-	return out, nil
-}

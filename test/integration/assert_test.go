@@ -6,49 +6,26 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"testing"
 
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/endpoint"
 )
 
-// endpointView mirrors the fields of `ebpf-cni inspect --json` the tests read.
-type endpointView struct {
-	IP           netip.Addr `json:"ip"`
-	HostVeth     string     `json:"hostVeth"`
-	HostIfindex  int        `json:"hostIfindex"`
-	ContainerID  string     `json:"containerID"`
-	PodNamespace string     `json:"podNamespace"`
-	PodName      string     `json:"podName"`
-	Shaped       bool       `json:"shaped"`
-	Attachments  []struct {
-		Hook      string `json:"Hook"`
-		Mode      string `json:"Mode"`
-		ProgramID uint32 `json:"ProgramID"`
-	} `json:"attachments"`
-	Counters struct {
-		FromPodPackets  uint64
-		ToPodPackets    uint64
-		RedirectPackets uint64
-		DropSpoofedMac  uint64
-		DropSpoofedIp   uint64
-		HostPathPackets uint64
-	} `json:"counters"`
-}
-
-func (n *node) inspect() map[netip.Addr]endpointView {
+func (n *node) inspect() map[netip.Addr]endpoint.View {
 	n.t.Helper()
 	out, err := exec.Command(filepath.Join(binDir, "ebpf-cni"), "inspect", "--json",
 		"--pin-root", n.pinRoot, "--state-dir", n.stateDir, "--ipam-dir", n.ipamDir).Output()
 	if err != nil {
 		n.t.Fatalf("ebpf-cni inspect: %v: %s", err, out)
 	}
-	var views []endpointView
+	var views []endpoint.View
 	if err := json.Unmarshal(out, &views); err != nil {
 		n.t.Fatalf("inspect --json: %v: %s", err, out)
 	}
-	m := map[netip.Addr]endpointView{}
+	m := map[netip.Addr]endpoint.View{}
 	for _, v := range views {
 		m[v.IP] = v
 	}
@@ -174,15 +151,13 @@ func (p *pod) hostVeth() string {
 // found through the endpoint record that names the netns.
 func (p *pod) containerID() string {
 	p.n.t.Helper()
-	files, _ := filepath.Glob(filepath.Join(p.n.stateDir, p.n.name, "endpoints", "*.json"))
-	for _, f := range files {
-		b, err := os.ReadFile(f)
-		if err == nil && strings.Contains(string(b), `"`+p.path+`"`) {
-			var st struct {
-				ContainerID string `json:"containerID"`
-			}
-			json.Unmarshal(b, &st)
-			return st.ContainerID
+	recs, err := endpoint.NewStore(p.n.stateDir, p.n.name).List()
+	if err != nil {
+		p.n.t.Fatal(err)
+	}
+	for _, r := range recs {
+		if r.NetNS == p.path {
+			return r.ContainerID
 		}
 	}
 	return ""

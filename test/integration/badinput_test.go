@@ -203,7 +203,7 @@ func TestBadEnvironmentRefused(t *testing.T) {
 // repeated read: the endpoint record has what CHECK compares.
 func mustResult(t *testing.T, n *node, p *pod) map[string]any {
 	t.Helper()
-	b, err := os.ReadFile(n.plugin["logFile"].(string))
+	b, err := os.ReadFile(n.plugin.LogFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -229,7 +229,7 @@ func mustResult(t *testing.T, n *node, p *pod) map[string]any {
 func TestPinRootNotOnBPFFS(t *testing.T) {
 	n := newNode(t, nil)
 	n.pinRoot = filepath.Join(t.TempDir(), "not-bpffs")
-	n.plugin["pinRoot"] = n.pinRoot
+	n.plugin.PinRoot = n.pinRoot
 	p := n.newNS()
 	before := n.snapshot()
 	out, err := n.call("ADD", "nobpffs", p, n.conf())
@@ -253,7 +253,7 @@ func TestPinRootNotOnBPFFS(t *testing.T) {
 func TestMountsMissingBPFFS(t *testing.T) {
 	n := newNode(t, nil)
 	n.pinRoot = "/sys/fs/bpf/ebt-mount"
-	n.plugin["pinRoot"] = n.pinRoot
+	n.plugin.PinRoot = n.pinRoot
 	p := n.newNS()
 	confFile := filepath.Join(t.TempDir(), "conf.json")
 	if err := os.WriteFile(confFile, n.conf(), 0o600); err != nil {

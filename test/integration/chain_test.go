@@ -42,7 +42,7 @@ func chain(t *testing.T, dir, version string, strictCheck bool) {
 	n := newNode(t, map[string]any{"ranges": [][]map[string]string{{{"subnet": "10.250.0.0/24"}}, {{"subnet": "fd00:250::/120"}}}})
 	n.version = version
 	n.cniPath = binDir + ":" + dir
-	n.plugin["capabilities"] = map[string]bool{"bandwidth": true}
+	n.plugin.Capabilities = map[string]bool{"bandwidth": true}
 	n.writeConflist(
 		map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}},
 		map[string]any{"type": "bandwidth", "capabilities": map[string]bool{"bandwidth": true}},

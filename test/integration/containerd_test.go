@@ -276,7 +276,7 @@ func (c *containerd) stopAndRemove(sb *sandbox) {
 
 // callsOf counts the plugin log's entries of a command for a container.
 func (n *node) callsOf(command, containerID string) int {
-	b, _ := os.ReadFile(n.plugin["logFile"].(string))
+	b, _ := os.ReadFile(n.plugin.LogFile)
 	count := 0
 	for _, line := range strings.Split(string(b), "\n") {
 		var e struct {
@@ -344,7 +344,7 @@ func TestContainerdCRI(t *testing.T) {
 func TestContainerdChain(t *testing.T) {
 	n := newNode(t, nil)
 	n.version = "1.0.0"
-	n.plugin["capabilities"] = map[string]bool{"bandwidth": true}
+	n.plugin.Capabilities = map[string]bool{"bandwidth": true}
 	n.writeConflist(
 		map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}},
 		map[string]any{"type": "bandwidth", "capabilities": map[string]bool{"bandwidth": true}},

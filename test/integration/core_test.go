@@ -10,6 +10,8 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/endpoint"
 )
 
 // forwardCounter counts packets from src crossing the host's FORWARD hook.
@@ -103,7 +105,7 @@ func outside(t *testing.T, n *node, hostSide, outSide string) *pod {
 
 func TestTwoPodsSameNode(t *testing.T) {
 	n := newNode(t, nil)
-	n.plugin["mtu"] = 1400
+	n.plugin.MTU = 1400
 	n.writeConflist()
 	fwd := newForwardCounter(t, n, "", "10.250.0.0/24")
 	// 203.0.113.1 is the host's own address on the link to "outside".
@@ -130,7 +132,7 @@ func TestTwoPodsSameNode(t *testing.T) {
 	if got := fwd.packets(); got != 0 {
 		t.Errorf("%d pod packets crossed the host FORWARD hook; same-node traffic must not", got)
 	}
-	for _, e := range []endpointView{ea, eb} {
+	for _, e := range []endpoint.View{ea, eb} {
 		if len(e.Attachments) != 2 || e.Attachments[0].Mode != "tcx" || e.Attachments[1].Mode != "tcx" {
 			t.Errorf("%s attachments = %+v, want tcx on ingress and egress", e.IP, e.Attachments)
 		}

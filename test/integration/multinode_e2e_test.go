@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -24,6 +25,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/config"
 )
 
 // The emulated cluster: an underlay bridge (the "physical" L2 network, not
@@ -209,10 +212,11 @@ func (c *cluster) addNode(t *testing.T, i int) *mnNode {
 		t: t, name: "ebt-mn", pinRoot: filepath.Join(bpf, "ebpf-cni"), stateDir: filepath.Join(n.dir, "state"),
 		ipamDir: filepath.Join(n.dir, "ipam"), confDir: filepath.Join(n.dir, "net.d"), version: "1.1.0", cniPath: cniPath,
 	}
-	n.net.plugin = map[string]any{
-		"type": "ebpf-cni", "pinRoot": n.net.pinRoot, "stateDir": n.net.stateDir,
-		"logFile": filepath.Join(n.dir, "ebpf-cni.log"), "clusterCIDRs": []string{"10.244.0.0/16"},
-		"ipam": map[string]any{"ranges": [][]map[string]string{{{"subnet": "usePodCidr"}}}, "dataDir": n.net.ipamDir},
+	n.net.plugin = config.Plugin{
+		Type: config.PluginType,
+		Options: config.Options{PinRoot: n.net.pinRoot, StateDir: n.net.stateDir,
+			LogFile: filepath.Join(n.dir, "ebpf-cni.log"), ClusterCIDRs: []string{"10.244.0.0/16"}},
+		IPAM: &config.IPAM{Ranges: [][]config.Range{{{Subnet: config.UsePodCIDR}}}, DataDir: n.net.ipamDir},
 	}
 	n.net.writeConflist()
 
@@ -373,7 +377,7 @@ func multiNode(t *testing.T, mode string) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if !strings.Contains(string(body), `ebpf_cni_agent_peer_pod_cidrs{node="n2"`) {
+	if !regexp.MustCompile(`(?m)^ebpf_cni_agent_peer_pod_cidrs\{[^}]*node="n2"`).Match(body) {
 		t.Errorf("metrics lack the per-node series:\n%s", body)
 	}
 	if resp, err := http.Get("http://" + n1.ip + ":9610/healthz"); err != nil || resp.StatusCode != 200 {

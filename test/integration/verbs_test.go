@@ -166,7 +166,7 @@ func TestDelegatedReleasedOnFailure(t *testing.T) {
 		"ranges":  [][]map[string]string{{{"subnet": "10.251.1.0/24"}}},
 		"dataDir": dataDir,
 	})
-	n.plugin["attach"] = "tcx"
+	n.plugin.Attach = "tcx"
 	n.version = "1.0.0"
 	p := n.newNS()
 	// Make veth creation fail after IPAM: occupy the host veth's name.
@@ -242,7 +242,7 @@ func TestIPv6AndDualStack(t *testing.T) {
 
 func TestLegacyTCAttach(t *testing.T) {
 	n := newNode(t, nil)
-	n.plugin["attach"] = "tc"
+	n.plugin.Attach = "tc"
 	n.writeConflist()
 	a, b := n.newNS(), n.newNS()
 	n.add(a)

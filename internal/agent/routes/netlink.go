@@ -1,14 +1,14 @@
-// Package routes programs the routes to other nodes' pod CIDRs, for
-// ebpf-cni-agent. Every route it makes carries protocol Proto, so a
-// reconcile finds its own routes (and only those) and removes the ones of
-// nodes that are gone, including after an agent restart.
+package routes
+
+// The netlink side of the controller. Every route it makes carries protocol
+// Proto, so a reconcile finds its own routes (and only those) and removes
+// the ones of nodes that are gone, including after an agent restart.
 //
 // Native mode routes each podCIDR via the node's InternalIP (one L2
 // underlay, as in kind). VXLAN mode sends it through the vxlan device Device:
 // every node's VTEP address is the network address of its first IPv4
 // podCIDR (which the built-in IPAM never hands out), its VTEP MAC derives
 // from its InternalIP, and static neighbour and FDB entries replace learning.
-package routes
 
 import (
 	"bytes"
@@ -21,6 +21,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/nl"
 )
 
 // Proto marks ebpf-cni's routes (rtnetlink protocol number).
@@ -174,7 +176,7 @@ func prefixOf(n *net.IPNet) netip.Prefix {
 func (r *Router) List() ([]netlink.Route, error) {
 	var out []netlink.Route
 	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		rs, err := netlinksafe.RouteListFiltered(fam, &netlink.Route{Protocol: Proto}, netlink.RT_FILTER_PROTOCOL)
+		rs, err := nl.RouteListFiltered(fam, &netlink.Route{Protocol: Proto}, netlink.RT_FILTER_PROTOCOL)
 		if err != nil {
 			return nil, fmt.Errorf("list routes: %w", err)
 		}
@@ -258,12 +260,12 @@ func (r *Router) peerEntries(dev netlink.Link, p Peer, v netip.Addr) error {
 
 // underlay finds the link holding ip.
 func underlay(ip netip.Addr) (netlink.Link, error) {
-	links, err := netlinksafe.LinkList()
+	links, err := nl.LinkList()
 	if err != nil {
 		return nil, fmt.Errorf("list links: %w", err)
 	}
 	for _, l := range links {
-		addrs, err := netlinksafe.AddrList(l, netlink.FAMILY_ALL)
+		addrs, err := nl.AddrList(l, netlink.FAMILY_ALL)
 		if err != nil {
 			continue
 		}
@@ -290,7 +292,7 @@ func UnderlayMTU(ip netip.Addr) (int, error) {
 func pruneNeighbours(dev netlink.Link, want map[string]bool) error {
 	var errs []error
 	for _, fam := range []int{netlink.FAMILY_V4, unix.AF_BRIDGE} {
-		neighs, err := netlink.NeighList(dev.Attrs().Index, fam)
+		neighs, err := nl.NeighList(dev.Attrs().Index, fam)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("list %s entries: %w", Device, err))
 			continue
