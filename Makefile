@@ -10,8 +10,13 @@ GOFILES := $(shell find . -name '*.go' -not -path './.git/*')
 
 all: build
 
+# Static and stripped: no dynamic loader at every CNI call, fewer pages to
+# fault in (start-up is paid by every ADD and DEL; see BENCHMARKS.md).
+export CGO_ENABLED := 0
+RELEASE_FLAGS := -trimpath -ldflags=-s\ -w
+
 $(BIN): $(GOFILES) internal/loader/datapath_bpfel.o go.mod go.sum
-	go build -o $@ ./cmd/ebpf-cni
+	go build $(RELEASE_FLAGS) -o $@ ./cmd/ebpf-cni
 
 build: $(BIN)
 

@@ -57,10 +57,10 @@ fi
 # and bandwidth fail CHECK); built from the Go module proxy.
 plugins_dir=/usr/local/lib/ebpf-cni/cni-plugins
 plugins_version=v1.9.0
-if [ ! -x "$plugins_dir/portmap" ] || [ "$(cat "$plugins_dir/VERSION" 2>/dev/null)" != "$plugins_version" ]; then
+if [ ! -x "$plugins_dir/ptp" ] || [ "$(cat "$plugins_dir/VERSION" 2>/dev/null)" != "$plugins_version" ]; then
 	echo "deps: go install reference plugins $plugins_version into $plugins_dir"
 	mkdir -p "$plugins_dir"
-	for p in meta/portmap meta/bandwidth meta/tuning ipam/host-local; do
+	for p in meta/portmap meta/bandwidth meta/tuning ipam/host-local main/ptp; do
 		GOBIN="$plugins_dir" go install "github.com/containernetworking/plugins/plugins/$p@$plugins_version"
 	done
 	echo "$plugins_version" > "$plugins_dir/VERSION"

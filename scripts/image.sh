@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 export PATH="/usr/local/go/bin:${HOME:-/root}/go/bin:$PATH"
 name=${1:-localhost/ebpf-cni:dev}
 mkdir -p bin/image
-CGO_ENABLED=0 go build -trimpath -o bin/image/ebpf-cni ./cmd/ebpf-cni
-CGO_ENABLED=0 go build -trimpath -o bin/image/ebpf-cni-agent ./cmd/ebpf-cni-agent
+CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o bin/image/ebpf-cni ./cmd/ebpf-cni
+CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o bin/image/ebpf-cni-agent ./cmd/ebpf-cni-agent
 go run ./tools/ociimage -o bin/ebpf-cni-image.tar -name "$name" -entrypoint /usr/local/bin/ebpf-cni-agent \
 	-file /usr/local/bin/ebpf-cni=bin/image/ebpf-cni -file /usr/local/bin/ebpf-cni-agent=bin/image/ebpf-cni-agent
 echo "bin/ebpf-cni-image.tar ($name)"

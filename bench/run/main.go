@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -28,6 +29,7 @@ var (
 	measure = flag.Duration("d", 3*time.Second, "duration of each throughput/RR measurement")
 	samples = flag.Int("samples", 20, "ADD/DEL samples per churn level")
 	levels  = flag.String("levels", "0,200,1000", "pods already on the node for the churn measurements")
+	only    = flag.String("sections", "startup,datapath,churn", "sections to run, comma-separated (the report holds those run)")
 )
 
 func main() {
@@ -57,16 +59,29 @@ func main() {
 	defer env.cleanup()
 
 	rep := &report{started: time.Now(), load: []string{loadavg()}}
-	if err := runDatapath(env, rep); err != nil {
-		env.cleanup()
-		fatal(err)
+	sections := []struct {
+		name string
+		run  func() error
+	}{
+		{"startup", func() error { return runStartup(rep) }},
+		{"datapath", func() error { return runDatapath(env, rep) }},
+		{"churn", func() error { return runChurn(env, rep) }},
 	}
-	rep.load = append(rep.load, loadavg())
-	if err := runChurn(env, rep); err != nil {
-		env.cleanup()
-		fatal(err)
+	want := map[string]bool{}
+	for _, s := range strings.Split(*only, ",") {
+		want[strings.TrimSpace(s)] = true
 	}
-	rep.load = append(rep.load, loadavg())
+	for _, s := range sections {
+		if !want[s.name] {
+			continue
+		}
+		fmt.Printf("bench: section %s\n", s.name)
+		if err := s.run(); err != nil {
+			env.cleanup()
+			fatal(fmt.Errorf("%s: %w", s.name, err))
+		}
+		rep.load = append(rep.load, loadavg())
+	}
 	rep.finished = time.Now()
 	if err := rep.write(*out, *notes); err != nil {
 		env.cleanup()

@@ -22,7 +22,7 @@ func runCLI(argv []string, stdout, stderr io.Writer) int {
 		}
 		return 0
 	case "version", "--version":
-		fmt.Fprintf(stdout, "ebpf-cni (datapath %s) CNI %v\n", loader.Tag, config.SupportedVersions.SupportedVersions())
+		fmt.Fprintf(stdout, "ebpf-cni (datapath %s) CNI %v\n", loader.Tag(), config.SupportedVersions.SupportedVersions())
 		return 0
 	default:
 		fmt.Fprintf(stderr, "usage: ebpf-cni inspect [--json] [--pin-root DIR] [--state-dir DIR] [--ipam-dir DIR]\n"+

@@ -23,6 +23,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"sync"
 
 	"github.com/cilium/ebpf"
 
@@ -35,11 +36,13 @@ var ErrIncompatible = errors.New("pinned map is incompatible with this build")
 // ErrNotLoaded means the pin root holds no programs of this build yet.
 var ErrNotLoaded = errors.New("datapath not loaded on this node")
 
-// Tag names this build's object; it is the directory its programs are pinned in.
-var Tag = func() string {
+// Tag names this build's object; it is the directory its programs are
+// pinned in. Computed on first use, not at start-up: every CNI call starts
+// the binary, and VERSION, DEL of a gone pod or STATUS need no hash.
+var Tag = sync.OnceValue(func() string {
 	sum := sha256.Sum256(_DatapathBytes)
 	return hex.EncodeToString(sum[:6])
-}()
+})
 
 // Programs are the loaded tc programs of this build.
 type Programs struct {
@@ -53,7 +56,7 @@ func (p *Programs) Close() error {
 	return errors.Join(p.FromPod.Close(), p.ToPod.Close())
 }
 
-func progDir(root string) string { return filepath.Join(root, "progs", Tag) }
+func progDir(root string) string { return filepath.Join(root, "progs", Tag()) }
 
 // LinkDir is where TCX links of attached host veths are pinned.
 func LinkDir(root string) string { return filepath.Join(root, "links") }

@@ -135,8 +135,8 @@ func goName(c string) string {
 }
 
 func TestTag(t *testing.T) {
-	if !regexp.MustCompile(`^[0-9a-f]{12}$`).MatchString(Tag) {
-		t.Errorf("Tag = %q, want 12 lowercase hex characters", Tag)
+	if !regexp.MustCompile(`^[0-9a-f]{12}$`).MatchString(Tag()) {
+		t.Errorf("Tag() = %q, want 12 lowercase hex characters", Tag())
 	}
 }
 

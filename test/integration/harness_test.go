@@ -49,7 +49,9 @@ func TestMain(m *testing.M) {
 	}
 	binDir = dir
 	for _, bin := range []string{"ebpf-cni", "ebpf-cni-agent"} {
-		build := exec.Command("go", "build", "-o", filepath.Join(binDir, bin), "../../cmd/"+bin)
+		// Built as `make build` ships it: static and stripped.
+		build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", filepath.Join(binDir, bin), "../../cmd/"+bin)
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
 		build.Stdout, build.Stderr = os.Stderr, os.Stderr
 		if err := build.Run(); err != nil {
 			fmt.Fprintln(os.Stderr, "build", bin+":", err)
