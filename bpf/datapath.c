@@ -1,22 +1,35 @@
 //go:build ignore
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * tc programs on the host side of every pod veth.
+ * tc programs of the ebpf-cni datapath.
  *
- * from_pod (ingress of the host veth, i.e. frames the pod sent):
+ * from_pod (ingress of a pod's host veth, i.e. frames the pod sent):
  *   anti-spoofing on source MAC and source IP (only IPv4, IPv6 and ARP get
- *   through at all), then a lookup of the destination IP in endpoints_v1; a
- *   local pod is reached by rewriting the MACs and bpf_redirect_peer()
- *   straight into its namespace, so same-node traffic never crosses a bridge
- *   or the host's forwarding path. Anything else, and replies of flows the
- *   host stack delivered (host_flows_v1), continue to the host stack.
+ *   through at all), then by destination:
+ *   - a pod on this node: MACs rewritten, TTL decremented, bpf_redirect_peer
+ *     straight into its namespace;
+ *   - a pod on another node (inside cluster_v1): looked up in the node's own
+ *     FIB and sent to the egress device (bpf_redirect with the FIB's MACs, or
+ *     bpf_redirect_neigh while the neighbour is unresolved), TTL decremented:
+ *     no FORWARD chain, no second pass through the host stack;
+ *   - anything else, and whatever the fast path cannot take (no route, MTU
+ *     exceeded, TTL expiring, replies of flows the host NATed), continues to
+ *     the host stack, which answers with the ICMP errors a router would.
  * to_pod (egress of the host veth): counts what the host stack delivers and
- *   remembers flows from local pods it delivered (NATed Service traffic).
+ *   remembers flows it delivered from pods (NATed Service traffic), so their
+ *   replies take the host path back.
+ * from_node (ingress of the node's uplinks and of the VXLAN device): a
+ *   packet from a pod on another node (source inside cluster_v1) for a pod
+ *   here is redirected into it with bpf_redirect_peer, with the same TTL and
+ *   counting rules; anything else continues to the host stack.
+ * to_overlay (egress of the metadata-mode VXLAN device): gives every packet
+ *   the tunnel key towards the node that owns its destination (tunnel_v1).
  *
  * "Pass" is TC_ACT_UNSPEC (TCX_NEXT): programs attached after ours still run.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/if_packet.h>
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
@@ -48,7 +61,15 @@ enum drop_reason {
 	DROP_PROTOCOL,
 };
 
+#define AF_INET 2
+#define AF_INET6 10
+#define IP_MF 0x2000
 #define IP_FRAG_OFFSET 0x1fff
+#define NEXTHDR_FRAGMENT 44
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
+#define TUNNEL_VNI 0xeb
+#define TUNNEL_TTL 64
 
 static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
 {
@@ -103,36 +124,42 @@ static __always_inline int drop(struct endpoint_stats *st, enum drop_reason why)
 	return TC_ACT_SHOT;
 }
 
+/* What parse_flow found besides the flow key. */
+struct parsed {
+	__u8 tcp_flags;
+	__u8 fragment; /* an IP fragment: ports unknown or unreliable */
+	__u8 ttl;      /* TTL or hop limit */
+	__u8 tos;
+	__u16 l3_len;  /* IPv4 total length, IPv6 payload length + 40 */
+};
+
 /* Fills the ports of a flow key from the L4 header at l4 (TCP and UDP;
- * other protocols keep ports 0). Returns the TCP flags byte, 0 otherwise. */
-static __always_inline __u8 l4_ports(struct flow_key *fk, void *l4, void *data_end)
+ * other protocols keep ports 0). */
+static __always_inline void l4_ports(struct flow_key *fk, struct parsed *p, void *l4, void *data_end)
 {
 	if (fk->proto == IPPROTO_TCP) {
 		struct tcphdr *th = l4;
 
 		if ((void *)(th + 1) > data_end)
-			return 0;
+			return;
 		fk->sport = th->source;
 		fk->dport = th->dest;
-		return ((__u8 *)th)[13];
+		p->tcp_flags = ((__u8 *)th)[13];
+		return;
 	}
 	if (fk->proto == IPPROTO_UDP) {
 		__be16 *ports = l4;
 
 		if ((void *)(ports + 2) > data_end)
-			return 0;
+			return;
 		fk->sport = ports[0];
 		fk->dport = ports[1];
 	}
-	return 0;
 }
 
-#define TCP_FLAG_SYN 0x02
-#define TCP_FLAG_ACK 0x10
-
 /* Parses the IP header at l3 into a flow key (addresses, protocol, ports).
- * Returns -1 when the header is truncated, else the TCP flags (0 if none). */
-static __always_inline int parse_flow(__be16 proto, void *l3, void *data_end, struct flow_key *fk)
+ * Returns -1 when the header is truncated or not IP. */
+static __always_inline int parse_flow(__be16 proto, void *l3, void *data_end, struct flow_key *fk, struct parsed *p)
 {
 	if (proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = l3;
@@ -143,9 +170,16 @@ static __always_inline int parse_flow(__be16 proto, void *l3, void *data_end, st
 		__builtin_memcpy(fk->saddr, &ip->saddr, 4);
 		__builtin_memcpy(fk->daddr, &ip->daddr, 4);
 		fk->proto = ip->protocol;
-		if (ip->frag_off & bpf_htons(IP_FRAG_OFFSET))
-			return 0; /* not the first fragment: no L4 header */
-		return l4_ports(fk, (void *)ip + ip->ihl * 4, data_end);
+		p->ttl = ip->ttl;
+		p->tos = ip->tos;
+		p->l3_len = bpf_ntohs(ip->tot_len);
+		if (ip->frag_off & bpf_htons(IP_MF | IP_FRAG_OFFSET)) {
+			p->fragment = 1;
+			if (ip->frag_off & bpf_htons(IP_FRAG_OFFSET))
+				return 0; /* not the first fragment: no L4 header */
+		}
+		l4_ports(fk, p, (void *)ip + ip->ihl * 4, data_end);
+		return 0;
 	}
 	if (proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = l3;
@@ -156,7 +190,14 @@ static __always_inline int parse_flow(__be16 proto, void *l3, void *data_end, st
 		__builtin_memcpy(fk->saddr, ip6->saddr.in6_u.u6_addr8, 16);
 		__builtin_memcpy(fk->daddr, ip6->daddr.in6_u.u6_addr8, 16);
 		fk->proto = ip6->nexthdr;
-		return l4_ports(fk, ip6 + 1, data_end);
+		p->ttl = ip6->hop_limit;
+		p->l3_len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
+		if (ip6->nexthdr == NEXTHDR_FRAGMENT) {
+			p->fragment = 1;
+			return 0;
+		}
+		l4_ports(fk, p, ip6 + 1, data_end);
+		return 0;
 	}
 	return -1;
 }
@@ -171,29 +212,90 @@ static __always_inline void reverse(struct flow_key *out, const struct flow_key 
 	out->family = in->family;
 }
 
-/* Sends the frame into the namespace of the pod that owns the destination,
- * if that pod lives on this node and the flow is not one the host stack
- * must see. Returns TC_ACT_UNSPEC when the host stack should take it. */
-static __always_inline int redirect_local(struct __sk_buff *skb, __be16 proto, void *l3,
-					  const struct device_info *src, struct endpoint_stats *st)
+static __always_inline void lpm_of(struct lpm_key *k, __u8 family, const __u8 *addr)
 {
-	void *data_end = (void *)(long)skb->data_end;
-	struct endpoint_key key = {};
-	struct flow_key fk = {};
-	struct endpoint_info *ep;
-	struct endpoint_stats *dst;
-	struct ethhdr *eth;
-	__u32 ifindex;
-	int flags;
+	k->family = family;
+	__builtin_memcpy(k->addr, addr, 16);
+	k->prefixlen = 32 + (family == EP_FAMILY_IPV4 ? 32 : 128);
+}
 
-	flags = parse_flow(proto, l3, data_end, &fk);
-	if (flags < 0)
-		return TC_ACT_UNSPEC;
-	key.family = fk.family;
-	__builtin_memcpy(key.addr, fk.daddr, 16);
-	ep = bpf_map_lookup_elem(&endpoints_v1, &key);
-	if (!ep)
-		return TC_ACT_UNSPEC;
+/* in_cluster reports whether addr lies in one of the cluster's pod ranges. */
+static __always_inline int in_cluster(__u8 family, const __u8 *addr)
+{
+	struct lpm_key k = {};
+
+	lpm_of(&k, family, addr);
+	return bpf_map_lookup_elem(&cluster_v1, &k) != NULL;
+}
+
+static __always_inline void guard_key_of(struct guard_key *g, __u8 family, const __u8 *addr, __be16 port, __u8 proto)
+{
+	__builtin_memcpy(g->addr, addr, 16);
+	g->port = port;
+	g->proto = proto;
+	g->family = family;
+}
+
+/*
+ * Decrements the TTL (hop limit) of the IP header at l3off, as a router does.
+ * The packet must have been checked to carry more than 1. IPv4 updates the
+ * header checksum incrementally (RFC 1624), which leaves a CHECKSUM_COMPLETE
+ * sum valid; IPv6 has no header checksum, so its byte is written through the
+ * helper that keeps skb->csum right. Invalidates packet pointers.
+ */
+static __always_inline int ttl_dec(struct __sk_buff *skb, __be16 proto, __u8 ttl)
+{
+	__u32 off = sizeof(struct ethhdr);
+
+	if (proto == bpf_htons(ETH_P_IP)) {
+		__u16 old = bpf_htons((__u16)ttl << 8), new = bpf_htons((__u16)(ttl - 1) << 8);
+		__u8 t = ttl - 1;
+
+		if (bpf_l3_csum_replace(skb, off + __builtin_offsetof(struct iphdr, check), old, new, 2) < 0)
+			return -1;
+		return bpf_skb_store_bytes(skb, off + __builtin_offsetof(struct iphdr, ttl), &t, 1, 0);
+	}
+	__u8 hl = ttl - 1;
+
+	return bpf_skb_store_bytes(skb, off + __builtin_offsetof(struct ipv6hdr, hop_limit), &hl, 1, BPF_F_RECOMPUTE_CSUM);
+}
+
+/* Rewrites the Ethernet addresses; 0 on success. */
+static __always_inline int set_macs(struct __sk_buff *skb, const __u8 *dst, const __u8 *src)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	mac_copy(eth->h_dest, dst);
+	mac_copy(eth->h_source, src);
+	return 0;
+}
+
+static __always_inline void count_to_pod(__u32 ifindex, __u32 len, int from_node)
+{
+	struct endpoint_stats *dst = bpf_map_lookup_elem(&ep_stats_v2, &ifindex);
+
+	if (!dst)
+		return;
+	dst->to_pod_packets++;
+	dst->to_pod_bytes += len;
+	if (from_node) {
+		dst->from_node_packets++;
+		dst->from_node_bytes += len;
+	}
+}
+
+/* Sends the frame into the namespace of the local pod ep, as one routed hop.
+ * Returns TC_ACT_UNSPEC when the host stack should take it. */
+static __always_inline int redirect_local(struct __sk_buff *skb, __be16 proto, const struct flow_key *fk,
+					  const struct parsed *p, const struct device_info *src,
+					  struct endpoint_info *ep, struct endpoint_stats *st)
+{
+	__u32 ifindex = ep->ifindex;
+	__u8 pod_mac[ETH_ALEN], host_mac[ETH_ALEN];
 
 	if ((src->flags | ep->flags) & EP_FLAG_SHAPED) {
 		/* A rate limit sits on the host veths' qdiscs, which a peer
@@ -202,38 +304,153 @@ static __always_inline int redirect_local(struct __sk_buff *skb, __be16 proto, v
 			st->host_path_packets++;
 		return TC_ACT_UNSPEC;
 	}
-	if ((src->flags & EP_FLAG_HOST_FLOWS) && bpf_map_lookup_elem(&host_flows_v1, &fk)) {
+	if ((src->flags & EP_FLAG_HOST_FLOWS) && bpf_map_lookup_elem(&host_flows_v1, fk)) {
 		/* A reply of a flow the host delivered (NAT): back through it. */
 		if (st)
 			st->host_path_packets++;
 		return TC_ACT_UNSPEC;
 	}
-	if ((ep->flags & EP_FLAG_HOST_FLOWS) && (flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+	if ((ep->flags & EP_FLAG_HOST_FLOWS) && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
 		/* A new direct connection: forget a host-path flow that had the
 		 * same ports, or its replies would go the wrong way. */
 		struct flow_key rev = {};
 
-		reverse(&rev, &fk);
+		reverse(&rev, fk);
 		bpf_map_delete_elem(&host_flows_v1, &rev);
 	}
-
-	ifindex = ep->ifindex;
-	eth = (void *)(long)skb->data;
-	if ((void *)(eth + 1) > data_end)
+	if (p->ttl <= 1) {
+		if (st)
+			st->host_path_packets++;
+		return TC_ACT_UNSPEC; /* the host sends Time Exceeded */
+	}
+	mac_copy(pod_mac, ep->pod_mac);
+	mac_copy(host_mac, ep->host_mac);
+	if (ttl_dec(skb, proto, p->ttl) < 0 || set_macs(skb, pod_mac, host_mac) < 0)
 		return TC_ACT_UNSPEC;
-	mac_copy(eth->h_dest, ep->pod_mac);
-	mac_copy(eth->h_source, ep->host_mac);
-
 	if (st) {
 		st->redirect_packets++;
 		st->redirect_bytes += skb->len;
 	}
-	dst = bpf_map_lookup_elem(&ep_stats_v1, &ifindex);
-	if (dst) {
-		dst->to_pod_packets++;
-		dst->to_pod_bytes += skb->len;
-	}
+	count_to_pod(ifindex, skb->len, 0);
 	return bpf_redirect_peer(ifindex, 0);
+}
+
+/*
+ * Routes a frame for a pod on another node itself: FIB lookup in this
+ * node's tables, then straight to the egress device. Returns TC_ACT_UNSPEC
+ * whenever the host stack must decide (it also sends the ICMP errors: frag
+ * needed, time exceeded, unreachable).
+ */
+static __always_inline int forward_remote(struct __sk_buff *skb, __be16 proto, const struct flow_key *fk,
+					  const struct parsed *p)
+{
+	struct bpf_fib_lookup fib = {};
+	struct bpf_redir_neigh nh = {};
+	__u32 mtu_len = 0;
+	long rc;
+
+	if (p->ttl <= 1)
+		return TC_ACT_UNSPEC;
+	if (fk->family == EP_FAMILY_IPV4) {
+		fib.family = AF_INET;
+		fib.tos = p->tos;
+		__builtin_memcpy(&fib.ipv4_src, fk->saddr, 4);
+		__builtin_memcpy(&fib.ipv4_dst, fk->daddr, 4);
+	} else {
+		fib.family = AF_INET6;
+		__builtin_memcpy(fib.ipv6_src, fk->saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, fk->daddr, 16);
+	}
+	fib.l4_protocol = fk->proto;
+	fib.sport = fk->sport;
+	fib.dport = fk->dport;
+	/* A GSO super-packet is checked segment by segment below; its total
+	 * length would fail the route MTU. */
+	fib.tot_len = skb->gso_size ? 0 : p->l3_len;
+	fib.ifindex = skb->ifindex;
+
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return TC_ACT_UNSPEC; /* no route, frag needed (non-GSO), forwarding off, ... */
+	if (fib.ifindex == skb->ifindex || bpf_map_lookup_elem(&devices_v1, &fib.ifindex))
+		return TC_ACT_UNSPEC; /* back out, or to a pod veth this node does not map */
+	if (skb->gso_size) {
+		if (bpf_check_mtu(skb, fib.ifindex, &mtu_len, 0, BPF_MTU_CHK_SEGS))
+			return TC_ACT_UNSPEC;
+	} else if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		/* The FIB checked the route MTU already; the device MTU too. */
+		if (bpf_check_mtu(skb, fib.ifindex, &mtu_len, 0, 0))
+			return TC_ACT_UNSPEC;
+	}
+	if (ttl_dec(skb, proto, p->ttl) < 0)
+		return TC_ACT_UNSPEC;
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (set_macs(skb, fib.dmac, fib.smac) < 0)
+			return TC_ACT_SHOT; /* TTL already spent: cannot hand it back */
+		return bpf_redirect(fib.ifindex, 0);
+	}
+	/* The neighbour is not resolved yet: let the kernel resolve it for the
+	 * nexthop the FIB chose (the gateway, or the destination on-link). */
+	nh.nh_family = fib.family;
+	__builtin_memcpy(nh.ipv6_nh, fib.ipv6_dst, 16);
+	return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+}
+
+/* Routes what a pod sent, after anti-spoofing. */
+static __always_inline int route_pod(struct __sk_buff *skb, __be16 proto, void *l3,
+				     struct device_info *src, struct endpoint_stats *st)
+{
+	void *data_end = (void *)(long)skb->data_end;
+	struct endpoint_key key = {};
+	struct flow_key fk = {};
+	struct parsed p = {};
+	struct endpoint_info *ep;
+	struct guard_key g = {};
+	int rc;
+
+	if (parse_flow(proto, l3, data_end, &fk, &p) < 0)
+		return TC_ACT_UNSPEC;
+	key.family = fk.family;
+	__builtin_memcpy(key.addr, fk.daddr, 16);
+	ep = bpf_map_lookup_elem(&endpoints_v1, &key);
+	if (ep)
+		return redirect_local(skb, proto, &fk, &p, src, ep, st);
+
+	guard_key_of(&g, fk.family, fk.saddr, fk.sport, fk.proto);
+	if (!in_cluster(fk.family, fk.daddr)) {
+		/* Outside the cluster's pod ranges: the host stack routes it and
+		 * may NAT it (masquerade, a kube-proxy Service, a hostPort on
+		 * another node). Remember the pod's end of a new connection, so
+		 * replies arriving from another node are not redirected past
+		 * the host's conntrack. */
+		int fresh = (fk.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) ||
+			    fk.proto == IPPROTO_UDP;
+
+		if (fresh && fk.sport && !bpf_map_lookup_elem(&nat_guard_v1, &g)) {
+			struct flow_info fi = {.seen_ns = bpf_ktime_get_ns()};
+
+			bpf_map_update_elem(&nat_guard_v1, &g, &fi, BPF_ANY);
+		}
+		return TC_ACT_UNSPEC;
+	}
+	if (fk.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+		bpf_map_delete_elem(&nat_guard_v1, &g); /* this port now talks to the cluster directly */
+	if ((src->flags & EP_FLAG_SHAPED) ||
+	    ((src->flags & EP_FLAG_HOST_FLOWS) && bpf_map_lookup_elem(&host_flows_v1, &fk))) {
+		if (st)
+			st->to_node_fallback++;
+		return TC_ACT_UNSPEC;
+	}
+	rc = forward_remote(skb, proto, &fk, &p);
+	if (st) {
+		if (rc == TC_ACT_REDIRECT) {
+			st->to_node_packets++;
+			st->to_node_bytes += skb->len;
+		} else {
+			st->to_node_fallback++;
+		}
+	}
+	return rc;
 }
 
 SEC("tc")
@@ -246,7 +463,7 @@ int from_pod(struct __sk_buff *skb)
 	struct ethhdr *eth = data;
 	__u32 ifindex = skb->ifindex;
 
-	st = bpf_map_lookup_elem(&ep_stats_v1, &ifindex);
+	st = bpf_map_lookup_elem(&ep_stats_v2, &ifindex);
 	dev = bpf_map_lookup_elem(&devices_v1, &ifindex);
 	if (!dev)
 		return TC_ACT_SHOT; /* ours is only ever attached to endpoints: fail closed */
@@ -272,7 +489,7 @@ int from_pod(struct __sk_buff *skb)
 		__builtin_memcpy(&want, dev->ipv4, 4);
 		if (!(dev->flags & EP_FLAG_IPV4) || ip->saddr != want)
 			return drop(st, DROP_SPOOFED_IP);
-		return redirect_local(skb, eth->h_proto, ip, dev, st);
+		return route_pod(skb, eth->h_proto, ip, dev, st);
 	}
 	case bpf_htons(ETH_P_IPV6): {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
@@ -283,7 +500,7 @@ int from_pod(struct __sk_buff *skb)
 			return TC_ACT_UNSPEC;
 		if (!(dev->flags & EP_FLAG_IPV6) || !ipv6_equal(&ip6->saddr, dev->ipv6))
 			return drop(st, DROP_SPOOFED_IP);
-		return redirect_local(skb, eth->h_proto, ip6, dev, st);
+		return route_pod(skb, eth->h_proto, ip6, dev, st);
 	}
 	case bpf_htons(ETH_P_ARP): {
 		struct arp_eth_ipv4 *body = (void *)(eth + 1);
@@ -312,10 +529,11 @@ int to_pod(struct __sk_buff *skb)
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	__u32 ifindex = skb->ifindex;
-	struct endpoint_stats *st = bpf_map_lookup_elem(&ep_stats_v1, &ifindex);
+	struct endpoint_stats *st = bpf_map_lookup_elem(&ep_stats_v2, &ifindex);
 	struct ethhdr *eth = data;
 	struct endpoint_key key = {};
 	struct flow_key fk = {};
+	struct parsed p = {};
 
 	if (st) {
 		st->to_pod_packets++;
@@ -323,14 +541,16 @@ int to_pod(struct __sk_buff *skb)
 	}
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_UNSPEC;
-	if (parse_flow(eth->h_proto, eth + 1, data_end, &fk) < 0)
+	if (parse_flow(eth->h_proto, eth + 1, data_end, &fk, &p) < 0)
 		return TC_ACT_UNSPEC;
-	/* From a local pod, yet delivered by the host stack rather than
-	 * redirected: the host rewrote the flow (a Service). Its replies must
-	 * take the host path back. */
+	/* From a pod (here or on another node), yet delivered by the host
+	 * stack rather than redirected: the host may have rewritten the flow
+	 * (a Service, a hostPort). Its replies must take the host path back. */
 	key.family = fk.family;
 	__builtin_memcpy(key.addr, fk.saddr, 16);
-	if (bpf_map_lookup_elem(&endpoints_v1, &key)) {
+	struct endpoint_info *srcep = bpf_map_lookup_elem(&endpoints_v1, &key);
+
+	if (srcep || in_cluster(fk.family, fk.saddr)) {
 		struct flow_key rev = {};
 		struct flow_info fi = {.seen_ns = bpf_ktime_get_ns()};
 		struct device_info *dev = bpf_map_lookup_elem(&devices_v1, &ifindex);
@@ -346,6 +566,125 @@ int to_pod(struct __sk_buff *skb)
 		self = bpf_map_lookup_elem(&endpoints_v1, &key);
 		if (self && !(self->flags & EP_FLAG_HOST_FLOWS))
 			self->flags |= EP_FLAG_HOST_FLOWS;
+	}
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int from_node(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct endpoint_key key = {};
+	struct flow_key fk = {};
+	struct parsed p = {};
+	struct guard_key g = {};
+	struct endpoint_info *ep;
+	struct node_stats *ns;
+	__u8 pod_mac[ETH_ALEN], host_mac[ETH_ALEN];
+	__u32 ifindex = skb->ifindex, target, len;
+	__be16 proto;
+
+	/* Frames for other hosts (a promiscuous or bridged uplink) and VLANs
+	 * (a subdevice sees them untagged) are not ours to take. */
+	if (skb->pkt_type != PACKET_HOST || skb->vlan_present)
+		return TC_ACT_UNSPEC;
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_UNSPEC;
+	proto = eth->h_proto;
+	if (parse_flow(proto, eth + 1, data_end, &fk, &p) < 0)
+		return TC_ACT_UNSPEC;
+	if (p.fragment)
+		return TC_ACT_UNSPEC; /* conntrack reassembles: ports decide below */
+	key.family = fk.family;
+	__builtin_memcpy(key.addr, fk.daddr, 16);
+	ep = bpf_map_lookup_elem(&endpoints_v1, &key);
+	if (!ep || (ep->flags & EP_FLAG_SHAPED))
+		return TC_ACT_UNSPEC;
+	/* Only pod-to-pod traffic: anything else may be a flow the host's
+	 * conntrack must see both ways (masquerade of the reply). */
+	if (!in_cluster(fk.family, fk.saddr))
+		return TC_ACT_UNSPEC;
+	guard_key_of(&g, fk.family, fk.daddr, fk.dport, fk.proto);
+	if (bpf_map_lookup_elem(&nat_guard_v1, &g))
+		return TC_ACT_UNSPEC; /* a reply the host must un-NAT */
+	if (p.ttl <= 1)
+		return TC_ACT_UNSPEC;
+	target = ep->ifindex;
+	mac_copy(pod_mac, ep->pod_mac);
+	mac_copy(host_mac, ep->host_mac);
+	if (ttl_dec(skb, proto, p.ttl) < 0 || set_macs(skb, pod_mac, host_mac) < 0)
+		return TC_ACT_UNSPEC;
+	len = skb->len;
+	count_to_pod(target, len, 1);
+	ns = bpf_map_lookup_elem(&node_stats_v1, &ifindex);
+	if (ns) {
+		ns->redirect_packets++;
+		ns->redirect_bytes += len;
+	}
+	return bpf_redirect_peer(target, 0);
+}
+
+SEC("tc")
+int to_overlay(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct bpf_tunnel_key tk = {};
+	struct tunnel_info *ti;
+	struct node_stats *ns;
+	struct lpm_key k = {};
+	__u32 ifindex = skb->ifindex;
+	__u64 flags;
+
+	ns = bpf_map_lookup_elem(&node_stats_v1, &ifindex);
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_SHOT;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end)
+			return TC_ACT_SHOT;
+		k.family = EP_FAMILY_IPV4;
+		k.prefixlen = 32 + 32;
+		__builtin_memcpy(k.addr, &ip->daddr, 4);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return TC_ACT_SHOT;
+		k.family = EP_FAMILY_IPV6;
+		k.prefixlen = 32 + 128;
+		__builtin_memcpy(k.addr, ip6->daddr.in6_u.u6_addr8, 16);
+	} else {
+		return TC_ACT_SHOT; /* the device is NOARP: nothing else belongs here */
+	}
+	ti = bpf_map_lookup_elem(&tunnel_v1, &k);
+	if (!ti) {
+		if (ns)
+			ns->drop_no_tunnel++;
+		return TC_ACT_SHOT;
+	}
+	mac_copy(eth->h_dest, ti->vtep_mac);
+	tk.tunnel_id = TUNNEL_VNI;
+	tk.tunnel_ttl = TUNNEL_TTL;
+	if (ti->family == EP_FAMILY_IPV4) {
+		__u32 a;
+
+		__builtin_memcpy(&a, ti->addr, 4);
+		tk.remote_ipv4 = bpf_ntohl(a);
+		flags = BPF_F_ZERO_CSUM_TX;
+	} else {
+		__builtin_memcpy(tk.remote_ipv6, ti->addr, 16);
+		flags = BPF_F_TUNINFO_IPV6; /* UDP over IPv6 keeps its checksum */
+	}
+	if (bpf_skb_set_tunnel_key(skb, &tk, sizeof(tk), flags) < 0)
+		return TC_ACT_SHOT;
+	if (ns) {
+		ns->encap_packets++;
+		ns->encap_bytes += skb->len;
 	}
 	return TC_ACT_UNSPEC;
 }

@@ -23,6 +23,7 @@ type setup struct {
 type metrics struct {
 	tps, p50, p99     float64 // TCP_RR
 	gbps1, gbps4, rtt float64 // iperf3 1 and 4 streams (Gbit/s), ping RTT (ms)
+	pps               float64 // UDP 64-byte datagrams received per second (cross-node)
 }
 
 const mtu = 1500 // the same on every setup: throughput depends on it

@@ -26,8 +26,9 @@ type env struct {
 	cniPath string
 	cnitool string
 
-	mu   sync.Mutex
-	pods map[string]*benchPod // by netns name
+	mu     sync.Mutex
+	pods   map[string]*benchPod // by netns name
+	mounts []string             // bpffs instances of emulated nodes, unmounted at cleanup
 }
 
 type benchPod struct {
@@ -44,6 +45,7 @@ type network struct {
 	confDir string
 	conf    map[string]any // the plugin entry
 	version string
+	nodeNS  string // the emulated node (netns) the plugin runs in; "" = this host
 }
 
 func newEnv() (*env, error) {
@@ -145,6 +147,11 @@ func (e *env) del(p *benchPod) (time.Duration, error) {
 
 func (e *env) cnitoolRun(verb string, n *network, ns string) ([]byte, time.Duration, error) {
 	cmd := exec.Command(e.cnitool, verb, n.name, "/var/run/netns/"+ns)
+	if n.nodeNS != "" {
+		// The plugin runs inside the emulated node: only its network
+		// namespace is entered (`ip netns exec` would remount /sys).
+		cmd = exec.Command("nsenter", "--net=/var/run/netns/"+n.nodeNS, e.cnitool, verb, n.name, "/var/run/netns/"+ns)
+	}
 	cmd.Env = append(os.Environ(), "CNI_PATH="+e.cniPath, "NETCONFPATH="+n.confDir)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -222,6 +229,12 @@ func (e *env) cleanup() {
 		}
 	}
 	os.RemoveAll(pinRoot)
+	e.mu.Lock()
+	for _, m := range e.mounts {
+		exec.Command("umount", "-l", m).Run()
+	}
+	e.mounts = nil
+	e.mu.Unlock()
 	os.RemoveAll(e.dir)
 	e.mu.Lock()
 	e.pods = map[string]*benchPod{}

@@ -29,7 +29,8 @@ var (
 	measure = flag.Duration("d", 3*time.Second, "duration of each throughput/RR measurement")
 	samples = flag.Int("samples", 20, "ADD/DEL samples per churn level")
 	levels  = flag.String("levels", "0,200,1000", "pods already on the node for the churn measurements")
-	only    = flag.String("sections", "startup,datapath,churn", "sections to run, comma-separated (the report holds those run)")
+	only    = flag.String("sections", "startup,datapath,crossnode,churn", "sections to run, comma-separated (the report holds those run)")
+	xnOnly  = flag.String("crossnode", "n2n,native,vxlan,ptp,kvxlan", "cross-node setups to run (n2n is required)")
 )
 
 func main() {
@@ -65,6 +66,7 @@ func main() {
 	}{
 		{"startup", func() error { return runStartup(rep) }},
 		{"datapath", func() error { return runDatapath(env, rep) }},
+		{"crossnode", func() error { return runCrossNode(env, rep) }},
 		{"churn", func() error { return runChurn(env, rep) }},
 	}
 	want := map[string]bool{}

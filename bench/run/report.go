@@ -19,6 +19,8 @@ type report struct {
 	churn             map[string][]churnResult
 	churnOrder        []string
 	startup           []*startupResult
+	xsetups           []*xsetup
+	xrounds           []map[string]metrics
 }
 
 func median(v []float64) float64 {
@@ -72,6 +74,7 @@ func (r *report) write(path, notesPath string) error {
 
 	r.writeStartup(w)
 	r.writeDatapath(w)
+	r.writeCrossNode(w)
 	r.writeChurn(w)
 	if notes, err := os.ReadFile(notesPath); err == nil {
 		w("\n%s", notes)

@@ -41,10 +41,11 @@ func main() {
 	stateDir := flag.String("state-dir", "/var/lib/ebpf-cni", "where the plugin reads the node file (its stateDir)")
 	metricsAddr := flag.String("metrics-addr", ":9610", "address of /healthz and /metrics (empty: off)")
 	resync := flag.Duration("resync", 30*time.Second, "reconcile period from the informer caches (repairs state removed by hand)")
+	pinRoot := flag.String("pin-root", "/sys/fs/bpf/ebpf-cni", "the plugin's pin root (VXLAN mode keeps its tunnel map there)")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	cfg := routes.Config{NodeName: *nodeName, Mode: routes.Mode(*mode), StateDir: *stateDir, Resync: *resync}
-	if err := run(log, *kubeconfig, *metricsAddr, cfg); err != nil {
+	if err := run(log, *kubeconfig, *metricsAddr, *pinRoot, cfg); err != nil {
 		log.Error("agent stopped", "err", err)
 		os.Exit(1)
 	}
@@ -63,7 +64,7 @@ func firstArg() string {
 	return ""
 }
 
-func run(log *slog.Logger, kubeconfig, metricsAddr string, rc routes.Config) error {
+func run(log *slog.Logger, kubeconfig, metricsAddr, pinRoot string, rc routes.Config) error {
 	if rc.NodeName == "" {
 		h, err := os.Hostname()
 		if err != nil {
@@ -85,7 +86,7 @@ func run(log *slog.Logger, kubeconfig, metricsAddr string, rc routes.Config) err
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	factory := informers.NewSharedInformerFactory(client, 0)
-	rt, err := routes.New(log, factory, routes.Netlink{}, rc, reg)
+	rt, err := routes.New(log, factory, routes.Netlink{PinRoot: pinRoot}, rc, reg)
 	if err != nil {
 		return err
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/ebpf-cni/ebpf-cni/internal/maps"
 	"github.com/ebpf-cni/ebpf-cni/internal/nat"
 	"github.com/ebpf-cni/ebpf-cni/internal/nl"
+	"github.com/ebpf-cni/ebpf-cni/internal/uplink"
 	"github.com/ebpf-cni/ebpf-cni/internal/veth"
 )
 
@@ -74,6 +75,15 @@ func cmdAdd(args *skel.CmdArgs, conf *config.NetConf) (_ types.Result, retErr er
 		return nil, err
 	}
 	defer m.Close()
+	if conf.FastPath() {
+		// Node-wide, once: kept when this ADD fails, like the pins.
+		if err := m.PutCluster(conf.ClusterPrefixes); err != nil {
+			return nil, err
+		}
+		if _, err := uplink.Ensure(progs, m, conf.StateDir, conf.ClusterPrefixes, conf.Devices, false); err != nil {
+			return nil, fmt.Errorf("attach node devices: %w", err)
+		}
+	}
 
 	addrs := lease.Addrs()
 	podMAC, hostMAC := veth.MACs(args.ContainerID, args.IfName)

@@ -9,6 +9,9 @@ import (
 
 	"github.com/ebpf-cni/ebpf-cni/internal/config"
 	"github.com/ebpf-cni/ebpf-cni/internal/endpoint"
+	"github.com/ebpf-cni/ebpf-cni/internal/loader"
+	"github.com/ebpf-cni/ebpf-cni/internal/maps"
+	"github.com/ebpf-cni/ebpf-cni/internal/uplink"
 )
 
 // cmdGC removes every attachment of this network that is not in
@@ -37,6 +40,7 @@ func cmdGC(_ *skel.CmdArgs, conf *config.NetConf) (types.Result, error) {
 	}
 	errs = append(errs, conf.Addresses.GC(conf.Valid))
 	errs = append(errs, endpoint.SweepOrphans(conf.PinRoot))
+	errs = append(errs, gcNodeDevices(conf))
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("gc: %w", err)
 	}
@@ -46,4 +50,28 @@ func cmdGC(_ *skel.CmdArgs, conf *config.NetConf) (types.Result, error) {
 // network is the config's network as the endpoint model sees it.
 func network(conf *config.NetConf) endpoint.Net {
 	return endpoint.Net{Name: conf.Name, StateDir: conf.StateDir, PinRoot: conf.PinRoot, IPAM: conf.Addresses}
+}
+
+// gcNodeDevices drops the attachments of node devices that are gone and,
+// when the network takes part in the fast path, chooses the devices anew
+// (a device added since the first ADD is picked up here).
+func gcNodeDevices(conf *config.NetConf) error {
+	if err := loader.SweepNodes(conf.PinRoot); err != nil || !conf.FastPath() {
+		return err
+	}
+	progs, err := loader.Open(conf.PinRoot)
+	if errors.Is(err, loader.ErrNotLoaded) {
+		return nil // no ADD yet: nothing to keep up
+	}
+	if err != nil {
+		return err
+	}
+	defer progs.Close()
+	m, err := maps.Open(conf.PinRoot)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	_, err = uplink.Ensure(progs, m, conf.StateDir, conf.ClusterPrefixes, conf.Devices, true)
+	return err
 }

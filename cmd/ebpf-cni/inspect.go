@@ -21,11 +21,18 @@ func runCLI(argv []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 		return 0
+	case "uninstall":
+		if err := uninstall(argv[1:], stdout, stderr); err != nil {
+			fmt.Fprintln(stderr, "ebpf-cni uninstall:", err)
+			return 1
+		}
+		return 0
 	case "version", "--version":
 		fmt.Fprintf(stdout, "ebpf-cni (datapath %s) CNI %v\n", loader.Tag(), config.SupportedVersions.SupportedVersions())
 		return 0
 	default:
 		fmt.Fprintf(stderr, "usage: ebpf-cni inspect [--json] [--pin-root DIR] [--state-dir DIR] [--ipam-dir DIR]\n"+
+			"       ebpf-cni uninstall [--pin-root DIR] [--state-dir DIR]\n"+
 			"       ebpf-cni version\n(run by a container runtime, CNI_COMMAND selects the CNI verb)\n")
 		return 2
 	}
@@ -41,21 +48,18 @@ func inspect(argv []string, stdout, stderr io.Writer) error {
 	if err := fs.Parse(argv); err != nil {
 		return err
 	}
-	views, err := endpoint.Collect(*pinRoot, *stateDir, *ipamDir)
+	rep, err := endpoint.Collect(*pinRoot, *stateDir, *ipamDir)
 	if err != nil {
 		return err
 	}
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
-		if views == nil {
-			views = []endpoint.View{}
-		}
-		return enc.Encode(views)
+		return enc.Encode(rep)
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "IP\tPOD MAC\tHOST VETH\tATTACH\tNETWORK\tCONTAINER\tPOD\tFROM POD pkts/bytes\tTO POD pkts/bytes\tREDIRECTED\tDROPS mac/ip/bad")
-	for _, v := range views {
+	fmt.Fprintln(tw, "IP\tPOD MAC\tHOST VETH\tATTACH\tNETWORK\tCONTAINER\tPOD\tFROM POD pkts/bytes\tTO POD pkts/bytes\tREDIRECTED\tTO/FROM NODES pkts\tDROPS mac/ip/bad")
+	for _, v := range rep.Endpoints {
 		mode := "-"
 		if len(v.Attachments) > 0 && v.Attachments[0].Mode != "" {
 			mode = string(v.Attachments[0].Mode)
@@ -68,12 +72,33 @@ func inspect(argv []string, stdout, stderr io.Writer) error {
 			pod = "-"
 		}
 		c := v.Counters
-		fmt.Fprintf(tw, "%s\t%s\t%s(%d)\t%s\t%s\t%s\t%s\t%d/%d\t%d/%d\t%d\t%d/%d/%d\n",
+		fmt.Fprintf(tw, "%s\t%s\t%s(%d)\t%s\t%s\t%s\t%s\t%d/%d\t%d/%d\t%d\t%d/%d\t%d/%d/%d\n",
 			v.IP, v.PodMAC, v.HostVeth, v.HostIfindex, mode, dash(v.Network), short(v.ContainerID), pod,
 			c.FromPodPackets, c.FromPodBytes, c.ToPodPackets, c.ToPodBytes, c.RedirectPackets,
-			c.DropSpoofedMac, c.DropSpoofedIp, c.DropMalformed)
+			c.ToNodePackets, c.FromNodePackets, c.DropSpoofedMac, c.DropSpoofedIp, c.DropMalformed)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(rep.Devices) > 0 {
+		fmt.Fprintln(stdout)
+		fmt.Fprintln(tw, "NODE DEVICE\tHOOK\tATTACH\tREDIRECTED IN pkts/bytes\tENCAPSULATED pkts/bytes\tDROPS no tunnel")
+		for _, d := range rep.Devices {
+			c := d.Counters
+			fmt.Fprintf(tw, "%s\t%s\t%s:%d\t%d/%d\t%d/%d\t%d\n", d.Device, d.Hook, dash(string(d.Mode)), d.ProgramID,
+				c.RedirectPackets, c.RedirectBytes, c.EncapPackets, c.EncapBytes, c.DropNoTunnel)
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+	}
+	if len(rep.Cluster) > 0 {
+		fmt.Fprintf(stdout, "\ncluster pod ranges (fast path between nodes): %v\n", rep.Cluster)
+	}
+	for _, t := range rep.Tunnels {
+		fmt.Fprintf(stdout, "tunnel %s -> node %s (VTEP %s)\n", t.PodCIDR, t.Node, t.VTEPMAC)
+	}
+	return nil
 }
 
 func dash(s string) string {

@@ -57,8 +57,12 @@ type Options struct {
 	LogFile    string `json:"logFile,omitempty"`
 	Attach     string `json:"attach,omitempty"`
 	// ClusterCIDRs are the cluster's pod ranges: traffic to them (pods on
-	// other nodes) is never masqueraded.
+	// other nodes) is never masqueraded, and takes the fast path across
+	// nodes.
 	ClusterCIDRs []string `json:"clusterCIDRs,omitempty"`
+	// Devices names the node's uplinks for the cross-node fast path
+	// instead of choosing them from the routes.
+	Devices []string `json:"devices,omitempty"`
 }
 
 // IPAM is the ipam section: host-local's shape for the built-in IPAM, or
@@ -179,6 +183,10 @@ func (c *NetConf) Shaped() bool {
 	return b != nil && (b.IngressRate > 0 || b.EgressRate > 0)
 }
 
+// FastPath reports whether the network takes part in the cross-node fast
+// path (it knows the cluster's pod ranges, or names its uplinks).
+func (c *NetConf) FastPath() bool { return len(c.ClusterPrefixes) > 0 || len(c.Devices) > 0 }
+
 // Valid reports whether GC must keep the attachment (containerID, ifname).
 func (c *NetConf) Valid(containerID, ifname string) bool {
 	a := types.GCAttachment{ContainerID: containerID, IfName: ifname}
@@ -224,6 +232,11 @@ func (c *NetConf) validate(stdin []byte) error {
 			return Invalid(fmt.Sprintf("clusterCIDRs[%d]", i), "%q is not a CIDR", s)
 		}
 		c.ClusterPrefixes = append(c.ClusterPrefixes, p.Masked())
+	}
+	for i, d := range c.Devices {
+		if d == "" || len(d) > 15 || strings.ContainsAny(d, "/ \x00") {
+			return Invalid(fmt.Sprintf("devices[%d]", i), "%q is not an interface name", d)
+		}
 	}
 	switch loader.Mode(c.Attach) {
 	case "":

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"sort"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/ebpf-cni/ebpf-cni/internal/ipam"
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 	"github.com/ebpf-cni/ebpf-cni/internal/maps"
@@ -31,18 +33,75 @@ type View struct {
 	Counters     maps.Stats          `json:"counters"`
 }
 
-// Collect joins the endpoints map under pinRoot with the endpoint records
+// Report is everything `ebpf-cni inspect` shows of a node.
+type Report struct {
+	Endpoints []View `json:"endpoints"`
+	// Devices are the node devices of the cross-node fast path (uplinks,
+	// the VXLAN device) with their attachments and counters.
+	Devices []DeviceView `json:"devices"`
+	// Cluster are the pod ranges that take the fast path between nodes.
+	Cluster []netip.Prefix `json:"cluster"`
+	// Tunnels are the other nodes' podCIDRs in VXLAN mode.
+	Tunnels []TunnelView `json:"tunnels"`
+}
+
+// DeviceView is one hook of a node device.
+type DeviceView struct {
+	loader.NodeAttachment
+	Counters maps.NodeStats `json:"counters"`
+}
+
+// TunnelView is one entry of tunnel_v1.
+type TunnelView struct {
+	PodCIDR netip.Prefix `json:"podCIDR"`
+	Node    netip.Addr   `json:"node"`
+	VTEPMAC string       `json:"vtepMAC"`
+}
+
+// Collect joins the pinned maps under pinRoot with the endpoint records
 // under stateDir and the built-in IPAM's reservations under ipamDir. It
-// reads only; a node without a datapath yet has no views.
-func Collect(pinRoot, stateDir, ipamDir string) ([]View, error) {
+// reads only; a node without a datapath yet has an empty report.
+func Collect(pinRoot, stateDir, ipamDir string) (Report, error) {
+	rep := Report{Endpoints: []View{}, Devices: []DeviceView{}, Cluster: []netip.Prefix{}, Tunnels: []TunnelView{}}
 	m, err := maps.Open(pinRoot)
 	if errors.Is(err, loader.ErrNotLoaded) {
-		return nil, nil
+		return rep, nil
 	}
 	if err != nil {
-		return nil, err
+		return rep, err
 	}
 	defer m.Close()
+	views, err := endpointViews(m, pinRoot, stateDir, ipamDir)
+	if err != nil {
+		return rep, err
+	}
+	rep.Endpoints = views
+	atts, err := loader.NodeAttachments(pinRoot)
+	if err != nil {
+		return rep, err
+	}
+	for _, a := range atts {
+		dv := DeviceView{NodeAttachment: a}
+		if l, err := netlink.LinkByName(a.Device); err == nil {
+			dv.Counters, _ = m.NodeStats(l.Attrs().Index)
+		}
+		rep.Devices = append(rep.Devices, dv)
+	}
+	if rep.Cluster, err = m.Cluster(); err != nil {
+		return rep, err
+	}
+	tunnels, err := m.Tunnels()
+	if err != nil {
+		return rep, err
+	}
+	for p, t := range tunnels {
+		rep.Tunnels = append(rep.Tunnels, TunnelView{PodCIDR: p, Node: t.Node, VTEPMAC: t.VTEPMAC.String()})
+	}
+	sort.Slice(rep.Tunnels, func(i, j int) bool { return rep.Tunnels[i].PodCIDR.Addr().Less(rep.Tunnels[j].PodCIDR.Addr()) })
+	return rep, nil
+}
+
+func endpointViews(m *maps.Maps, pinRoot, stateDir, ipamDir string) ([]View, error) {
 	eps, err := m.Endpoints()
 	if err != nil {
 		return nil, err
@@ -70,7 +129,7 @@ func Collect(pinRoot, stateDir, ipamDir string) ([]View, error) {
 		}
 	}
 
-	var out []View
+	out := []View{}
 	for _, ep := range eps {
 		v := View{
 			IP: ep.IP, PodMAC: ep.PodMAC.String(), HostMAC: ep.HostMAC.String(), HostIfindex: ep.Ifindex, Shaped: ep.Shaped,

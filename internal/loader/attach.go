@@ -66,6 +66,9 @@ func Orphans(root string) ([]string, error) {
 	seen := map[string]bool{}
 	var out []string
 	for _, p := range pins {
+		if strings.HasPrefix(p.Name(), nodePrefix) {
+			continue // a node device's: SweepNodes
+		}
 		for _, h := range hooks {
 			ifname, ok := strings.CutSuffix(p.Name(), "-"+h.dir)
 			if !ok || ifname == "" || seen[ifname] {
@@ -135,7 +138,18 @@ func (p *Programs) attachTCX(ifindex int, ifname string) (retErr error) {
 	return nil
 }
 
-func (p *Programs) attachTC(ifindex int, ifname string) (retErr error) {
+func (p *Programs) attachTC(ifindex int, ifname string) error {
+	for _, h := range hooks {
+		if err := p.attachTCOne(ifindex, ifname, h, p.prog(h)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// attachTCOne puts prog on one hook of ifindex with legacy tc: a clsact
+// qdisc (added if missing) and a cls_bpf filter of our name and priority.
+func (p *Programs) attachTCOne(ifindex int, ifname string, h hook, prog *ebpf.Program) error {
 	qdisc := &netlink.GenericQdisc{
 		QdiscAttrs: netlink.QdiscAttrs{
 			LinkIndex: ifindex,
@@ -147,22 +161,20 @@ func (p *Programs) attachTC(ifindex int, ifname string) (retErr error) {
 	if err := netlink.QdiscAdd(qdisc); err != nil && !errors.Is(err, unix.EEXIST) {
 		return fmt.Errorf("add clsact qdisc to %s: %w", ifname, err)
 	}
-	for _, h := range hooks {
-		f := &netlink.BpfFilter{
-			FilterAttrs: netlink.FilterAttrs{
-				LinkIndex: ifindex,
-				Parent:    h.parent,
-				Handle:    netlink.MakeHandle(0, 1),
-				Protocol:  unix.ETH_P_ALL,
-				Priority:  legacyPriority,
-			},
-			Fd:           p.prog(h).FD(),
-			Name:         filterPrefix + h.dir,
-			DirectAction: true,
-		}
-		if err := netlink.FilterReplace(f); err != nil {
-			return fmt.Errorf("attach tc %s filter to %s: %w", h.dir, ifname, err)
-		}
+	f := &netlink.BpfFilter{
+		FilterAttrs: netlink.FilterAttrs{
+			LinkIndex: ifindex,
+			Parent:    h.parent,
+			Handle:    netlink.MakeHandle(0, 1),
+			Protocol:  unix.ETH_P_ALL,
+			Priority:  legacyPriority,
+		},
+		Fd:           prog.FD(),
+		Name:         filterPrefix + h.dir,
+		DirectAction: true,
+	}
+	if err := netlink.FilterReplace(f); err != nil {
+		return fmt.Errorf("attach tc %s filter to %s: %w", h.dir, ifname, err)
 	}
 	return nil
 }
@@ -235,7 +247,7 @@ type Attachment struct {
 func Attached(root string, ifindex int, ifname string) ([]Attachment, error) {
 	var out []Attachment
 	for _, h := range hooks {
-		a, err := attachedAt(root, ifindex, ifname, h)
+		a, err := attachedAt(linkPin(root, ifname, h.dir), ifindex, h)
 		if err != nil {
 			return nil, err
 		}
@@ -244,9 +256,9 @@ func Attached(root string, ifindex int, ifname string) ([]Attachment, error) {
 	return out, nil
 }
 
-func attachedAt(root string, ifindex int, ifname string, h hook) (Attachment, error) {
+func attachedAt(pin string, ifindex int, h hook) (Attachment, error) {
 	a := Attachment{Hook: h.dir}
-	if l, err := link.LoadPinnedLink(linkPin(root, ifname, h.dir), nil); err == nil {
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
 		info, infoErr := l.Info()
 		l.Close()
 		if infoErr == nil {

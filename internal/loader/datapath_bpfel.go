@@ -13,11 +13,16 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type DatapathClusterInfo struct {
+	_     structs.HostLayout
+	Flags uint32
+}
+
 type DatapathDeviceInfo struct {
 	_       structs.HostLayout
 	PodMac  [6]uint8
 	HostMac [6]uint8
-	Flags   uint32
+	Flags   DatapathEpFlags
 	Ipv4    [4]uint8
 	Ipv6    [16]uint8
 }
@@ -27,7 +32,7 @@ type DatapathEndpointInfo struct {
 	Ifindex uint32
 	PodMac  [6]uint8
 	HostMac [6]uint8
-	Flags   uint32
+	Flags   DatapathEpFlags
 }
 
 type DatapathEndpointKey struct {
@@ -50,7 +55,28 @@ type DatapathEndpointStats struct {
 	DropMalformed   uint64
 	DropProtocol    uint64
 	HostPathPackets uint64
+	ToNodePackets   uint64
+	ToNodeBytes     uint64
+	FromNodePackets uint64
+	FromNodeBytes   uint64
+	ToNodeFallback  uint64
 }
+
+type DatapathEpFamily uint32
+
+const (
+	DatapathEpFamilyEP_FAMILY_IPV4 DatapathEpFamily = 4
+	DatapathEpFamilyEP_FAMILY_IPV6 DatapathEpFamily = 6
+)
+
+type DatapathEpFlags uint32
+
+const (
+	DatapathEpFlagsEP_FLAG_IPV4       DatapathEpFlags = 1
+	DatapathEpFlagsEP_FLAG_IPV6       DatapathEpFlags = 2
+	DatapathEpFlagsEP_FLAG_SHAPED     DatapathEpFlags = 4
+	DatapathEpFlagsEP_FLAG_HOST_FLOWS DatapathEpFlags = 8
+)
 
 type DatapathFlowInfo struct {
 	_      structs.HostLayout
@@ -66,6 +92,39 @@ type DatapathFlowKey struct {
 	Proto  uint8
 	Family uint8
 	Pad    [2]uint8
+}
+
+type DatapathGuardKey struct {
+	_      structs.HostLayout
+	Addr   [16]uint8
+	Port   uint16
+	Proto  uint8
+	Family uint8
+}
+
+type DatapathLpmKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Family    uint8
+	Pad       [3]uint8
+	Addr      [16]uint8
+}
+
+type DatapathNodeStats struct {
+	_               structs.HostLayout
+	RedirectPackets uint64
+	RedirectBytes   uint64
+	EncapPackets    uint64
+	EncapBytes      uint64
+	DropNoTunnel    uint64
+}
+
+type DatapathTunnelInfo struct {
+	_       structs.HostLayout
+	Family  DatapathEpFamily
+	VtepMac [6]uint8
+	Pad     [2]uint8
+	Addr    [16]uint8
 }
 
 // LoadDatapath returns the embedded CollectionSpec for Datapath.
@@ -110,18 +169,24 @@ type DatapathSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DatapathProgramSpecs struct {
-	FromPod *ebpf.ProgramSpec `ebpf:"from_pod"`
-	ToPod   *ebpf.ProgramSpec `ebpf:"to_pod"`
+	FromNode  *ebpf.ProgramSpec `ebpf:"from_node"`
+	FromPod   *ebpf.ProgramSpec `ebpf:"from_pod"`
+	ToOverlay *ebpf.ProgramSpec `ebpf:"to_overlay"`
+	ToPod     *ebpf.ProgramSpec `ebpf:"to_pod"`
 }
 
 // DatapathMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DatapathMapSpecs struct {
+	ClusterV1   *ebpf.MapSpec `ebpf:"cluster_v1"`
 	DevicesV1   *ebpf.MapSpec `ebpf:"devices_v1"`
 	EndpointsV1 *ebpf.MapSpec `ebpf:"endpoints_v1"`
-	EpStatsV1   *ebpf.MapSpec `ebpf:"ep_stats_v1"`
+	EpStatsV2   *ebpf.MapSpec `ebpf:"ep_stats_v2"`
 	HostFlowsV1 *ebpf.MapSpec `ebpf:"host_flows_v1"`
+	NatGuardV1  *ebpf.MapSpec `ebpf:"nat_guard_v1"`
+	NodeStatsV1 *ebpf.MapSpec `ebpf:"node_stats_v1"`
+	TunnelV1    *ebpf.MapSpec `ebpf:"tunnel_v1"`
 }
 
 // DatapathVariableSpecs contains global variables before they are loaded into the kernel.
@@ -150,18 +215,26 @@ func (o *DatapathObjects) Close() error {
 //
 // It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DatapathMaps struct {
+	ClusterV1   *ebpf.Map `ebpf:"cluster_v1"`
 	DevicesV1   *ebpf.Map `ebpf:"devices_v1"`
 	EndpointsV1 *ebpf.Map `ebpf:"endpoints_v1"`
-	EpStatsV1   *ebpf.Map `ebpf:"ep_stats_v1"`
+	EpStatsV2   *ebpf.Map `ebpf:"ep_stats_v2"`
 	HostFlowsV1 *ebpf.Map `ebpf:"host_flows_v1"`
+	NatGuardV1  *ebpf.Map `ebpf:"nat_guard_v1"`
+	NodeStatsV1 *ebpf.Map `ebpf:"node_stats_v1"`
+	TunnelV1    *ebpf.Map `ebpf:"tunnel_v1"`
 }
 
 func (m *DatapathMaps) Close() error {
 	return _DatapathClose(
+		m.ClusterV1,
 		m.DevicesV1,
 		m.EndpointsV1,
-		m.EpStatsV1,
+		m.EpStatsV2,
 		m.HostFlowsV1,
+		m.NatGuardV1,
+		m.NodeStatsV1,
+		m.TunnelV1,
 	)
 }
 
@@ -175,13 +248,17 @@ type DatapathVariables struct {
 //
 // It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DatapathPrograms struct {
-	FromPod *ebpf.Program `ebpf:"from_pod"`
-	ToPod   *ebpf.Program `ebpf:"to_pod"`
+	FromNode  *ebpf.Program `ebpf:"from_node"`
+	FromPod   *ebpf.Program `ebpf:"from_pod"`
+	ToOverlay *ebpf.Program `ebpf:"to_overlay"`
+	ToPod     *ebpf.Program `ebpf:"to_pod"`
 }
 
 func (p *DatapathPrograms) Close() error {
 	return _DatapathClose(
+		p.FromNode,
 		p.FromPod,
+		p.ToOverlay,
 		p.ToPod,
 	)
 }

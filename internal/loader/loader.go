@@ -46,14 +46,24 @@ var Tag = sync.OnceValue(func() string {
 
 // Programs are the loaded tc programs of this build.
 type Programs struct {
-	FromPod *ebpf.Program
-	ToPod   *ebpf.Program
-	root    string
+	DatapathPrograms
+	root string
 }
 
 // Close releases the program handles; pins keep the programs loaded.
-func (p *Programs) Close() error {
-	return errors.Join(p.FromPod.Close(), p.ToPod.Close())
+func (p *Programs) Close() error { return p.DatapathPrograms.Close() }
+
+// programFields visits the generated DatapathPrograms' fields with their
+// pin names (`ebpf` tags): the one list of programs.
+func programFields(p *DatapathPrograms, fn func(name string, field *(*ebpf.Program)) error) error {
+	v := reflect.ValueOf(p).Elem()
+	for i := range v.NumField() {
+		name := v.Type().Field(i).Tag.Get("ebpf")
+		if err := fn(name, v.Field(i).Addr().Interface().(**ebpf.Program)); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func progDir(root string) string { return filepath.Join(root, "progs", Tag()) }
@@ -122,22 +132,23 @@ func MapNames() []string {
 // Open loads this build's pinned programs; ErrNotLoaded when absent.
 func Open(root string) (*Programs, error) {
 	dir := progDir(root)
-	from, err := ebpf.LoadPinnedProgram(filepath.Join(dir, ProgFromPod), nil)
-	if err != nil {
+	p := &Programs{root: root}
+	err := programFields(&p.DatapathPrograms, func(name string, field **ebpf.Program) error {
+		prog, err := ebpf.LoadPinnedProgram(filepath.Join(dir, name), nil)
 		if errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("%s: %w", dir, ErrNotLoaded)
+			return fmt.Errorf("%s: %w", dir, ErrNotLoaded)
 		}
-		return nil, fmt.Errorf("load pinned program from_pod: %w", err)
-	}
-	to, err := ebpf.LoadPinnedProgram(filepath.Join(dir, ProgToPod), nil)
+		if err != nil {
+			return fmt.Errorf("load pinned program %s: %w", name, err)
+		}
+		*field = prog
+		return nil
+	})
 	if err != nil {
-		from.Close()
-		if errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("%s: %w", dir, ErrNotLoaded)
-		}
-		return nil, fmt.Errorf("load pinned program to_pod: %w", err)
+		p.Close()
+		return nil, err
 	}
-	return &Programs{FromPod: from, ToPod: to, root: root}, nil
+	return p, nil
 }
 
 func create(root string) (*Programs, error) {
@@ -159,17 +170,18 @@ func create(root string) (*Programs, error) {
 		objs.DatapathPrograms.Close()
 		return nil, fmt.Errorf("create %s: %w", dir, err)
 	}
-	for name, prog := range map[string]*ebpf.Program{
-		ProgFromPod: objs.FromPod,
-		ProgToPod:   objs.ToPod,
-	} {
-		if err := prog.Pin(filepath.Join(dir, name)); err != nil {
-			objs.DatapathPrograms.Close()
-			os.RemoveAll(dir)
-			return nil, fmt.Errorf("pin program %s: %w", name, err)
+	err = programFields(&objs.DatapathPrograms, func(name string, field **ebpf.Program) error {
+		if err := (*field).Pin(filepath.Join(dir, name)); err != nil {
+			return fmt.Errorf("pin program %s: %w", name, err)
 		}
+		return nil
+	})
+	if err != nil {
+		objs.DatapathPrograms.Close()
+		os.RemoveAll(dir)
+		return nil, err
 	}
-	return &Programs{FromPod: objs.FromPod, ToPod: objs.ToPod, root: root}, nil
+	return &Programs{DatapathPrograms: objs.DatapathPrograms, root: root}, nil
 }
 
 // LoadUnpinned loads the datapath with private, unpinned maps: for tests

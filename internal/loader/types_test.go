@@ -29,6 +29,11 @@ func TestTypesMatchBTF(t *testing.T) {
 		{"endpoint_stats", DatapathEndpointStats{}},
 		{"flow_key", DatapathFlowKey{}},
 		{"flow_info", DatapathFlowInfo{}},
+		{"lpm_key", DatapathLpmKey{}},
+		{"cluster_info", DatapathClusterInfo{}},
+		{"tunnel_info", DatapathTunnelInfo{}},
+		{"guard_key", DatapathGuardKey{}},
+		{"node_stats", DatapathNodeStats{}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.cName, func(t *testing.T) {
@@ -91,6 +96,10 @@ func TestMapSizes(t *testing.T) {
 		{MapDevices, uint32(0), DatapathDeviceInfo{}},
 		{MapStats, uint32(0), DatapathEndpointStats{}},
 		{MapHostFlows, DatapathFlowKey{}, DatapathFlowInfo{}},
+		{MapCluster, DatapathLpmKey{}, DatapathClusterInfo{}},
+		{MapTunnel, DatapathLpmKey{}, DatapathTunnelInfo{}},
+		{MapNatGuard, DatapathGuardKey{}, DatapathFlowInfo{}},
+		{MapNodeStats, uint32(0), DatapathNodeStats{}},
 	}
 	var pinned []string
 	for name, m := range spec.Maps {
@@ -146,12 +155,15 @@ func TestNames(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, m := range []string{MapEndpoints, MapDevices, MapStats, MapHostFlows} {
+	for _, m := range []string{MapEndpoints, MapDevices, MapStats, MapHostFlows, MapCluster, MapTunnel, MapNatGuard, MapNodeStats} {
 		if _, ok := spec.Maps[m]; !ok {
 			t.Errorf("no map %s in the object", m)
 		}
 	}
-	for _, p := range []string{ProgFromPod, ProgToPod} {
+	if got := MapNames(); len(got) != len(spec.Maps) {
+		t.Errorf("MapNames() = %v, the object has %d maps", got, len(spec.Maps))
+	}
+	for _, p := range []string{ProgFromPod, ProgToPod, ProgFromNode, ProgToOverlay} {
 		if _, ok := spec.Programs[p]; !ok {
 			t.Errorf("no program %s in the object", p)
 		}

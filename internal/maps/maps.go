@@ -9,6 +9,7 @@ package maps
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -85,13 +86,14 @@ type Device struct {
 // Stats are an endpoint's counters, summed over CPUs.
 type Stats = loader.DatapathEndpointStats
 
+// Family and flag values come from the C enums through bpf2go.
 const (
-	familyIPv4    = 4
-	familyIPv6    = 6
-	flagIPv4      = 1 << 0
-	flagIPv6      = 1 << 1
-	flagShaped    = 1 << 2
-	flagHostFlows = 1 << 3
+	familyIPv4    = uint8(loader.DatapathEpFamilyEP_FAMILY_IPV4)
+	familyIPv6    = uint8(loader.DatapathEpFamilyEP_FAMILY_IPV6)
+	flagIPv4      = loader.DatapathEpFlagsEP_FLAG_IPV4
+	flagIPv6      = loader.DatapathEpFlagsEP_FLAG_IPV6
+	flagShaped    = loader.DatapathEpFlagsEP_FLAG_SHAPED
+	flagHostFlows = loader.DatapathEpFlagsEP_FLAG_HOST_FLOWS
 )
 
 func endpointKey(ip netip.Addr) loader.DatapathEndpointKey {
@@ -135,7 +137,7 @@ func (m *Maps) PutEndpoint(ep Endpoint) error {
 	if err != nil {
 		return err
 	}
-	flags := uint32(flagIPv6)
+	flags := flagIPv6
 	if ep.IP.Unmap().Is4() {
 		flags = flagIPv4
 	}
@@ -243,7 +245,7 @@ func (m *Maps) PutDevice(ifindex int, d Device) error {
 	}
 	key := uint32(ifindex)
 	zero := make([]Stats, ebpf.MustPossibleCPU())
-	if err := m.d.EpStatsV1.Put(&key, zero); err != nil {
+	if err := m.d.EpStatsV2.Put(&key, zero); err != nil {
 		return fmt.Errorf("reset counters of ifindex %d: %w", ifindex, err)
 	}
 	if err := m.d.DevicesV1.Put(&key, &v); err != nil {
@@ -309,7 +311,7 @@ func (m *Maps) DeleteDevice(ifindex int, podMAC net.HardwareAddr) error {
 	}
 	key := uint32(ifindex)
 	var errs []error
-	for _, mp := range []*ebpf.Map{m.d.DevicesV1, m.d.EpStatsV1} {
+	for _, mp := range []*ebpf.Map{m.d.DevicesV1, m.d.EpStatsV2} {
 		if err := mp.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			errs = append(errs, fmt.Errorf("delete ifindex %d from %s: %w", ifindex, mp, err))
 		}
@@ -321,19 +323,19 @@ func (m *Maps) DeleteDevice(ifindex int, podMAC net.HardwareAddr) error {
 func (m *Maps) Stats(ifindex int) (Stats, error) {
 	key := uint32(ifindex)
 	var per []Stats
-	if err := m.d.EpStatsV1.Lookup(&key, &per); err != nil {
+	if err := m.d.EpStatsV2.Lookup(&key, &per); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return Stats{}, fmt.Errorf("counters of %d: %w", ifindex, ErrNotFound)
 		}
 		return Stats{}, fmt.Errorf("lookup counters of %d: %w", ifindex, err)
 	}
-	return sum(per), nil
+	return sumStructs(per), nil
 }
 
-// sum adds every uint64 field across CPUs, so a counter added to
-// struct endpoint_stats is summed without touching this code.
-func sum(per []Stats) Stats {
-	var total Stats
+// sumStructs adds every uint64 field across CPUs, so a counter added to
+// a stats struct is summed without touching this code.
+func sumStructs[T any](per []T) T {
+	var total T
 	tv := reflect.ValueOf(&total).Elem()
 	for i := range per {
 		pv := reflect.ValueOf(per[i])
@@ -362,4 +364,149 @@ func (m *Maps) HostFlows() (int, error) {
 		return 0, fmt.Errorf("iterate host flows: %w", err)
 	}
 	return n, nil
+}
+
+// lpmKey is the key of cluster_v1 and tunnel_v1 for p: family and pad are
+// the first 32 bits of the prefix.
+func lpmKey(p netip.Prefix) loader.DatapathLpmKey {
+	p = p.Masked()
+	ek := endpointKey(p.Addr())
+	return loader.DatapathLpmKey{Prefixlen: uint32(32 + p.Bits()), Family: ek.Family, Addr: ek.Addr}
+}
+
+func lpmPrefix(k loader.DatapathLpmKey) netip.Prefix {
+	a := keyAddr(loader.DatapathEndpointKey{Family: k.Family, Addr: k.Addr})
+	return netip.PrefixFrom(a, int(k.Prefixlen)-32)
+}
+
+// PutCluster adds the cluster's pod ranges: traffic between them may take
+// the fast path across nodes. Already present ranges are left as they are.
+func (m *Maps) PutCluster(prefixes []netip.Prefix) error {
+	for _, p := range prefixes {
+		k := lpmKey(p)
+		var v loader.DatapathClusterInfo
+		if err := m.d.ClusterV1.Lookup(&k, &v); err == nil {
+			continue
+		}
+		if err := m.d.ClusterV1.Put(&k, &v); err != nil {
+			return fmt.Errorf("put cluster range %s: %w", p, err)
+		}
+	}
+	return nil
+}
+
+// Cluster lists the cluster's pod ranges.
+func (m *Maps) Cluster() ([]netip.Prefix, error) {
+	var (
+		out []netip.Prefix
+		k   loader.DatapathLpmKey
+		v   loader.DatapathClusterInfo
+	)
+	it := m.d.ClusterV1.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, lpmPrefix(k))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("iterate cluster ranges: %w", err)
+	}
+	return out, nil
+}
+
+// Tunnel is where another node's pods are reached in VXLAN mode.
+type Tunnel struct {
+	Node    netip.Addr       // the peer node's underlay address
+	VTEPMAC net.HardwareAddr // the peer's VXLAN device MAC
+}
+
+// Tunnels lists tunnel_v1: the other nodes' podCIDRs and their tunnels.
+func (m *Maps) Tunnels() (map[netip.Prefix]Tunnel, error) {
+	out := map[netip.Prefix]Tunnel{}
+	var (
+		k loader.DatapathLpmKey
+		v loader.DatapathTunnelInfo
+	)
+	it := m.d.TunnelV1.Iterate()
+	for it.Next(&k, &v) {
+		t := Tunnel{VTEPMAC: net.HardwareAddr(bytes.Clone(v.VtepMac[:]))}
+		if v.Family == loader.DatapathEpFamilyEP_FAMILY_IPV4 {
+			t.Node = netip.AddrFrom4([4]byte(v.Addr[:4]))
+		} else {
+			t.Node = netip.AddrFrom16(v.Addr)
+		}
+		out[lpmPrefix(k)] = t
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("iterate tunnels: %w", err)
+	}
+	return out, nil
+}
+
+// PutTunnel routes podCIDR through the tunnel t.
+func (m *Maps) PutTunnel(podCIDR netip.Prefix, t Tunnel) error {
+	mac, err := mac6(t.VTEPMAC)
+	if err != nil {
+		return err
+	}
+	ek := endpointKey(t.Node)
+	v := loader.DatapathTunnelInfo{Family: loader.DatapathEpFamily(ek.Family), VtepMac: mac, Addr: ek.Addr}
+	k := lpmKey(podCIDR)
+	if err := m.d.TunnelV1.Put(&k, &v); err != nil {
+		return fmt.Errorf("put tunnel %s: %w", podCIDR, err)
+	}
+	return nil
+}
+
+// DeleteTunnel removes podCIDR's tunnel; a missing one is success.
+func (m *Maps) DeleteTunnel(podCIDR netip.Prefix) error {
+	k := lpmKey(podCIDR)
+	if err := m.d.TunnelV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete tunnel %s: %w", podCIDR, err)
+	}
+	return nil
+}
+
+// NodeStats are a node device's counters, summed over CPUs.
+type NodeStats = loader.DatapathNodeStats
+
+// NodeStats sums the per-CPU counters of the node device ifindex (zero
+// when it has none yet).
+func (m *Maps) NodeStats(ifindex int) (NodeStats, error) {
+	key := uint32(ifindex)
+	var per []NodeStats
+	if err := m.d.NodeStatsV1.Lookup(&key, &per); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return NodeStats{}, nil
+		}
+		return NodeStats{}, fmt.Errorf("lookup node counters of %d: %w", ifindex, err)
+	}
+	return sumStructs(per), nil
+}
+
+// ResetNodeStats gives the node device ifindex an empty counters entry
+// (the programs only count into an existing one).
+func (m *Maps) ResetNodeStats(ifindex int) error {
+	key := uint32(ifindex)
+	zero := make([]NodeStats, ebpf.MustPossibleCPU())
+	if err := m.d.NodeStatsV1.Update(&key, zero, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+		return fmt.Errorf("create node counters of %d: %w", ifindex, err)
+	}
+	return nil
+}
+
+// Guarded reports whether nat_guard_v1 holds the pod's end (ip, port,
+// protocol) of a connection the host handled.
+func (m *Maps) Guarded(ip netip.Addr, port uint16, proto uint8) (bool, error) {
+	ek := endpointKey(ip)
+	k := loader.DatapathGuardKey{Addr: ek.Addr, Port: htons(port), Proto: proto, Family: ek.Family}
+	var v loader.DatapathFlowInfo
+	err := m.d.NatGuardV1.Lookup(&k, &v)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// htons puts a port in the network byte order the datapath keys use.
+func htons(p uint16) uint16 {
+	return binary.NativeEndian.Uint16(binary.BigEndian.AppendUint16(nil, p))
 }

@@ -18,6 +18,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
@@ -51,6 +52,15 @@ func hash(containerID, ifname string) []byte {
 // digits of a hash of (container ID, ifname), 15 characters in all.
 func HostName(containerID, ifname string) string {
 	return HostPrefix + hex.EncodeToString(hash(containerID, ifname))[:15-len(HostPrefix)]
+}
+
+// IsHostVeth reports whether name is a host veth name ebpf-cni makes.
+func IsHostVeth(name string) bool {
+	if len(name) != 15 || !strings.HasPrefix(name, HostPrefix) {
+		return false
+	}
+	_, err := hex.DecodeString(name[len(HostPrefix):] + "0")
+	return err == nil
 }
 
 // MACs derives both MACs of an attachment: locally administered unicast,

@@ -21,15 +21,23 @@ func (n *node) inspect() map[netip.Addr]endpoint.View {
 	if err != nil {
 		n.t.Fatalf("ebpf-cni inspect: %v: %s", err, out)
 	}
-	var views []endpoint.View
-	if err := json.Unmarshal(out, &views); err != nil {
-		n.t.Fatalf("inspect --json: %v: %s", err, out)
-	}
 	m := map[netip.Addr]endpoint.View{}
-	for _, v := range views {
+	for _, v := range decodeInspect(n.t, out).Endpoints {
 		m[v.IP] = v
 	}
 	return m
+}
+
+// inspected is `ebpf-cni inspect --json`.
+type inspected = endpoint.Report
+
+func decodeInspect(t *testing.T, out []byte) inspected {
+	t.Helper()
+	var rep inspected
+	if err := json.Unmarshal(out, &rep); err != nil {
+		t.Fatalf("inspect --json: %v: %s", err, out)
+	}
+	return rep
 }
 
 // bpftoolEndpoints dumps the pinned endpoints map with bpftool and returns

@@ -18,6 +18,7 @@ import (
 type forwardCounter struct {
 	t     *testing.T
 	table string
+	netns string // "" for the host's
 }
 
 func newForwardCounter(t *testing.T, n *node, tag, src string) *forwardCounter {
@@ -39,7 +40,11 @@ func newForwardCounter(t *testing.T, n *node, tag, src string) *forwardCounter {
 
 func (f *forwardCounter) packets() int {
 	f.t.Helper()
-	out, err := exec.Command("nft", "-j", "list", "table", "inet", f.table).Output()
+	cmd := exec.Command("nft", "-j", "list", "table", "inet", f.table)
+	if f.netns != "" {
+		cmd = exec.Command("ip", "netns", "exec", f.netns, "nft", "-j", "list", "table", "inet", f.table)
+	}
+	out, err := cmd.Output()
 	if err != nil {
 		f.t.Fatalf("nft list: %v", err)
 	}

@@ -37,15 +37,14 @@ import (
 // node by entering only its network namespace (nsenter --net): `ip netns
 // exec` would remount /sys under it.
 const (
-	mnBridge  = "ebt-mn-br"
 	mnHostIP  = "10.255.0.254"
 	mnAPIPort = 16443
 	mnToken   = "ebt-multinode-token"
-	mnRoot    = "/run/ebt-mn"
 )
 
 type cluster struct {
 	t      *testing.T
+	under  *underlay
 	dir    string
 	procs  []*exec.Cmd
 	client *kubernetes.Clientset
@@ -53,14 +52,10 @@ type cluster struct {
 }
 
 type mnNode struct {
+	*emuNode
 	c       *cluster
-	name    string // n1..n3
-	ns      string // netns
-	ip      string // underlay address
 	podCIDR string
-	dir     string
 	agent   *exec.Cmd
-	net     *node // ebpf-cni config of this node (pin root, state, conflist)
 }
 
 func kubeBinary(t *testing.T, name string) string {
@@ -86,9 +81,7 @@ func startCluster(t *testing.T) *cluster {
 	c := &cluster{t: t, dir: dir}
 	t.Cleanup(c.stop)
 
-	run(t, "ip", "link", "add", mnBridge, "type", "bridge")
-	run(t, "ip", "addr", "add", mnHostIP+"/24", "dev", mnBridge)
-	run(t, "ip", "link", "set", mnBridge, "up")
+	c.under = newUnderlay(t, underlay{bridge: "ebt-mn-br", net4: "10.255.0"})
 
 	etcd := exec.Command("etcd", "--data-dir", filepath.Join(dir, "etcd"),
 		"--listen-client-urls", "http://127.0.0.1:23790", "--advertise-client-urls", "http://127.0.0.1:23790",
@@ -152,13 +145,6 @@ current-context: mn
 	return c
 }
 
-func run(t *testing.T, args ...string) {
-	t.Helper()
-	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-		t.Fatalf("%v: %v: %s", args, err, out)
-	}
-}
-
 func (c *cluster) start(cmd *exec.Cmd, name string) {
 	logf, _ := os.Create(filepath.Join(c.dir, name+".log"))
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -178,47 +164,20 @@ func (c *cluster) stop() {
 		c.procs[i].Process.Kill()
 		c.procs[i].Wait()
 	}
-	exec.Command("ip", "link", "del", mnBridge).Run()
 	unmountUnder(c.dir) // the kubelet's root dir and pod volumes
 	os.RemoveAll(c.dir)
 }
 
-// addNode creates node i: a namespace on the underlay, a bpffs instance, a
-// Node object with podCIDR 10.244.<i>.0/24, and a conflist that takes the
+// addNode creates node i on the cluster's underlay (10.255.0.i) with a
+// Node object (podCIDR 10.244.<i>.0/24) and a conflist that takes the
 // subnet from the agent ("usePodCidr").
 func (c *cluster) addNode(t *testing.T, i int) *mnNode {
 	t.Helper()
-	n := &mnNode{c: c, name: fmt.Sprintf("n%d", i), ns: fmt.Sprintf("ebt-mn-n%d", i), ip: fmt.Sprintf("10.255.0.%d", i),
-		podCIDR: fmt.Sprintf("10.244.%d.0/24", i), dir: filepath.Join(mnRoot, fmt.Sprintf("n%d", i))}
-	run(t, "ip", "netns", "add", n.ns)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", n.ns).Run() })
-	up := fmt.Sprintf("ebt-mn-u%d", i)
-	run(t, "ip", "link", "add", up, "type", "veth", "peer", "name", "ebt-mn-x", "netns", n.ns)
-	run(t, "ip", "link", "set", up, "master", mnBridge, "up")
-	run(t, "ip", "-n", n.ns, "link", "set", "ebt-mn-x", "name", "eth0")
-	run(t, "ip", "-n", n.ns, "addr", "add", n.ip+"/24", "dev", "eth0")
-	run(t, "ip", "-n", n.ns, "link", "set", "eth0", "up")
-	run(t, "ip", "-n", n.ns, "link", "set", "lo", "up")
-	run(t, "ip", "netns", "exec", n.ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-	bpf := filepath.Join(n.dir, "bpf")
-	os.MkdirAll(bpf, 0o700)
-	run(t, "mount", "-t", "bpf", "bpffs", bpf)
-	t.Cleanup(func() {
-		exec.Command("umount", "-l", bpf).Run()
-		os.RemoveAll(n.dir)
+	n := &mnNode{c: c, podCIDR: fmt.Sprintf("10.244.%d.0/24", i)}
+	n.emuNode = c.under.addNode(t, "mn", i, config.Plugin{
+		Options: config.Options{ClusterCIDRs: []string{"10.244.0.0/16"}},
+		IPAM:    &config.IPAM{Ranges: [][]config.Range{{{Subnet: config.UsePodCIDR}}}},
 	})
-
-	n.net = &node{
-		t: t, name: "ebt-mn", pinRoot: filepath.Join(bpf, "ebpf-cni"), stateDir: filepath.Join(n.dir, "state"),
-		ipamDir: filepath.Join(n.dir, "ipam"), confDir: filepath.Join(n.dir, "net.d"), version: "1.1.0", cniPath: cniPath,
-	}
-	n.net.plugin = config.Plugin{
-		Type: config.PluginType,
-		Options: config.Options{PinRoot: n.net.pinRoot, StateDir: n.net.stateDir,
-			LogFile: filepath.Join(n.dir, "ebpf-cni.log"), ClusterCIDRs: []string{"10.244.0.0/16"}},
-		IPAM: &config.IPAM{Ranges: [][]config.Range{{{Subnet: config.UsePodCIDR}}}, DataDir: n.net.ipamDir},
-	}
-	n.net.writeConflist()
 
 	ctx := context.Background()
 	obj, err := c.client.CoreV1().Nodes().Create(ctx, &corev1.Node{
@@ -228,7 +187,7 @@ func (c *cluster) addNode(t *testing.T, i int) *mnNode {
 	if err != nil {
 		t.Fatalf("create node %s: %v", n.name, err)
 	}
-	obj.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: n.ip}}
+	obj.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: n.ip.String()}}
 	if _, err := c.client.CoreV1().Nodes().UpdateStatus(ctx, obj, metav1.UpdateOptions{}); err != nil {
 		t.Fatalf("node %s status: %v", n.name, err)
 	}
@@ -237,9 +196,9 @@ func (c *cluster) addNode(t *testing.T, i int) *mnNode {
 
 func (n *mnNode) startAgent(t *testing.T, mode string) {
 	t.Helper()
-	n.agent = exec.Command("nsenter", "--net=/run/netns/"+n.ns, filepath.Join(binDir, "ebpf-cni-agent"),
+	n.agent = n.exec(filepath.Join(binDir, "ebpf-cni-agent"),
 		"-kubeconfig", n.c.kcfg, "-node-name", n.name, "-mode", mode, "-state-dir", n.net.stateDir,
-		"-metrics-addr", n.ip+":9610", "-resync", "2s")
+		"-pin-root", n.net.pinRoot, "-metrics-addr", n.ip.String()+":9610", "-resync", "2s")
 	logf, _ := os.OpenFile(filepath.Join(n.dir, "agent.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	n.agent.Stdout, n.agent.Stderr = logf, logf
 	if err := n.agent.Start(); err != nil {
@@ -254,34 +213,6 @@ func (n *mnNode) stopAgent() {
 		n.agent.Wait()
 		n.agent = nil
 	}
-}
-
-// cnitool runs inside the node's network namespace only.
-func (n *mnNode) cnitool(verb string, p *pod) ([]byte, error) {
-	cmd := exec.Command("nsenter", "--net=/run/netns/"+n.ns, cnitool, verb, n.net.name, p.path)
-	cmd.Env = append(os.Environ(), "CNI_PATH="+cniPath, "NETCONFPATH="+n.net.confDir)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		return out, fmt.Errorf("cnitool %s on %s: %w: %s", verb, n.name, err, out)
-	}
-	return out, nil
-}
-
-func (n *mnNode) addPod(t *testing.T, k int) *pod {
-	t.Helper()
-	name := fmt.Sprintf("%s-p%d", n.ns, k)
-	run(t, "ip", "netns", "add", name)
-	p := &pod{n: n.net, ns: name, path: "/var/run/netns/" + name}
-	t.Cleanup(func() {
-		n.cnitool("del", p)
-		exec.Command("ip", "netns", "del", name).Run()
-	})
-	out, err := n.cnitool("add", p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.setResult(t, out)
-	return p
 }
 
 // routes returns the node's routes of protocol 235 (ebpf-cni-agent's).
@@ -371,7 +302,7 @@ func multiNode(t *testing.T, mode string) {
 	}
 
 	// Health and per-node counters.
-	resp, err := http.Get("http://" + n1.ip + ":9610/metrics")
+	resp, err := http.Get("http://" + n1.ip.String() + ":9610/metrics")
 	if err != nil {
 		t.Fatalf("metrics: %v", err)
 	}
@@ -380,7 +311,7 @@ func multiNode(t *testing.T, mode string) {
 	if !regexp.MustCompile(`(?m)^ebpf_cni_agent_peer_pod_cidrs\{[^}]*node="n2"`).Match(body) {
 		t.Errorf("metrics lack the per-node series:\n%s", body)
 	}
-	if resp, err := http.Get("http://" + n1.ip + ":9610/healthz"); err != nil || resp.StatusCode != 200 {
+	if resp, err := http.Get("http://" + n1.ip.String() + ":9610/healthz"); err != nil || resp.StatusCode != 200 {
 		t.Errorf("healthz: %v %v", err, resp)
 	}
 
@@ -396,7 +327,7 @@ func multiNode(t *testing.T, mode string) {
 
 	// The agent down: ADD and DEL still work; a stale route of ours appears.
 	n1.stopAgent()
-	run(t, "ip", "-n", n1.ns, "route", "add", "10.244.99.0/24", "via", n2.ip, "proto", "235")
+	run(t, "ip", "-n", n1.ns, "route", "add", "10.244.99.0/24", "via", n2.ip.String(), "proto", "235")
 	extra := n1.addPod(t, 2)
 	if err := tcpExchange(extra.path, pods[1].path, pods[1].ip(false), nil); err != nil {
 		t.Errorf("pod added while the agent was down -> n2: %v", err)

@@ -36,8 +36,7 @@ type Plan struct {
 	Mode    Mode
 	LocalIP netip.Addr     // this node's InternalIP
 	Local   []netip.Prefix // this node's podCIDRs
-	// PodCIDRs are the ranges the plugin may hand out here (in VXLAN mode
-	// the IPv4 ones: the overlay carries IPv4).
+	// PodCIDRs are the ranges the plugin may hand out here.
 	PodCIDRs []netip.Prefix
 	Peers    []Peer // sorted by name
 }
@@ -52,11 +51,15 @@ type Dataplane interface {
 }
 
 // Netlink is the real Dataplane.
-type Netlink struct{}
+type Netlink struct {
+	// PinRoot is the plugin's pin root (VXLAN mode keeps tunnel_v1 there
+	// and attaches the overlay programs).
+	PinRoot string
+}
 
 // Apply implements Dataplane.
-func (Netlink) Apply(p Plan) (int, int, error) {
-	r := &Router{Mode: p.Mode, LocalIP: p.LocalIP, Local: p.Local}
+func (n Netlink) Apply(p Plan) (int, int, error) {
+	r := &Router{Mode: p.Mode, LocalIP: p.LocalIP, Local: p.Local, PinRoot: n.PinRoot}
 	return r.Sync(p.Peers)
 }
 
@@ -269,11 +272,7 @@ func Desired(all []*corev1.Node, self string, mode Mode) (Plan, error) {
 		return p, fmt.Errorf("node %s has no InternalIP yet", self)
 	}
 	p.LocalIP = ip
-	for _, c := range p.Local {
-		if mode == Native || c.Addr().Is4() { // the overlay carries IPv4 only
-			p.PodCIDRs = append(p.PodCIDRs, c)
-		}
-	}
+	p.PodCIDRs = p.Local
 	if len(p.PodCIDRs) == 0 {
 		// Pods cannot be wired yet: stay unready rather than let every ADD
 		// answer "try again later" behind a Ready node.

@@ -142,17 +142,21 @@ func TestNodesToRoutes(t *testing.T) {
 }
 
 // VXLAN: one peer per node and podCIDR family through any node address;
-// the plugin hands out IPv4 only.
+// IPv6 pod ranges ride the overlay too.
 func TestNodesToRoutesVXLAN(t *testing.T) {
 	c, rec, _, _ := start(t, VXLAN, "n1",
 		mkNode("n1", []string{"10.255.0.1"}, "10.244.1.0/24", "fd00:10:244:1::/64"),
-		mkNode("n2", []string{"10.255.0.2"}, "10.244.2.0/24"))
+		mkNode("n2", []string{"10.255.0.2"}, "10.244.2.0/24", "fd00:10:244:2::/64"))
 	if err := c.Reconcile(); err != nil {
 		t.Fatal(err)
 	}
-	if p := rec.last(); len(p.Peers) != 1 || p.Peers[0].NodeIP != netip.MustParseAddr("10.255.0.2") ||
-		!reflect.DeepEqual(p.PodCIDRs, pfx("10.244.1.0/24")) {
+	p := rec.last()
+	if len(p.Peers) != 2 || p.Peers[0].NodeIP != netip.MustParseAddr("10.255.0.2") || p.Peers[1].NodeIP != netip.MustParseAddr("10.255.0.2") ||
+		!reflect.DeepEqual(p.PodCIDRs, pfx("10.244.1.0/24", "fd00:10:244:1::/64")) {
 		t.Errorf("plan = %+v", p)
+	}
+	if !reflect.DeepEqual(p.Peers[1].PodCIDRs, pfx("fd00:10:244:2::/64")) {
+		t.Errorf("IPv6 podCIDR of n2 not carried over the IPv4 underlay: %+v", p.Peers)
 	}
 	if info, err := node.Read(c.cfg.StateDir); err != nil || info.MTU != 1450 {
 		t.Errorf("node file = %+v, %v; want MTU 1450", info, err)

@@ -4,11 +4,15 @@ package routes
 // Proto, so a reconcile finds its own routes (and only those) and removes
 // the ones of nodes that are gone, including after an agent restart.
 //
-// Native mode routes each podCIDR via the node's InternalIP (one L2
-// underlay, as in kind). VXLAN mode sends it through the vxlan device Device:
-// every node's VTEP address is the network address of its first IPv4
-// podCIDR (which the built-in IPAM never hands out), its VTEP MAC derives
-// from its InternalIP, and static neighbour and FDB entries replace learning.
+// Native mode routes each podCIDR via the node's InternalIP of the same
+// family (one L2 underlay, as in kind). VXLAN mode routes every podCIDR of
+// the other nodes (IPv4 and IPv6) on-link through Device, a metadata-mode
+// (external) VXLAN device without ARP: the datapath's to_overlay program
+// gives each packet its tunnel key from tunnel_v1 (podCIDR -> node
+// address, VTEP MAC), which Sync keeps equal to the routes. The device
+// holds the network address of each own podCIDR (never handed out by the
+// built-in IPAM), the source of host-originated traffic into the overlay;
+// its MAC derives from the node's InternalIP, so peers know it.
 
 import (
 	"bytes"
@@ -22,6 +26,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/ebpf-cni/ebpf-cni/internal/loader"
+	"github.com/ebpf-cni/ebpf-cni/internal/maps"
 	"github.com/ebpf-cni/ebpf-cni/internal/nl"
 )
 
@@ -31,9 +37,9 @@ const Proto = netlink.RouteProtocol(0xeb)
 // Device is the VXLAN device of overlay mode.
 const Device = "ebpf-vxlan"
 
-// VXLAN parameters: the Linux default port and an ID of our own.
+// VXLAN parameters: the Linux default port. A metadata-mode device takes
+// every VNI; the datapath sends 0xeb.
 const (
-	vxlanID   = 0xeb
 	vxlanPort = 8472
 	// Overhead is what VXLAN takes from the underlay MTU (IPv4 underlay;
 	// an IPv6 underlay takes 20 bytes more).
@@ -60,22 +66,15 @@ type Router struct {
 	Mode    Mode
 	LocalIP netip.Addr     // this node's InternalIP (VXLAN source)
 	Local   []netip.Prefix // this node's podCIDRs
+	// PinRoot is the plugin's pin root, where VXLAN mode keeps tunnel_v1
+	// and attaches the overlay programs to Device.
+	PinRoot string
 }
 
 // VTEPMAC is the VXLAN device MAC of the node with InternalIP ip.
 func VTEPMAC(ip netip.Addr) net.HardwareAddr {
 	a := ip.As16()
 	return net.HardwareAddr{0x0e, 0xeb, a[12], a[13], a[14], a[15]}
-}
-
-// vtep is a node's VXLAN address: its first IPv4 podCIDR's network address.
-func vtep(cidrs []netip.Prefix) (netip.Addr, bool) {
-	for _, p := range cidrs {
-		if p.Addr().Is4() {
-			return p.Masked().Addr(), true
-		}
-	}
-	return netip.Addr{}, false
 }
 
 func ipNet(p netip.Prefix) *net.IPNet {
@@ -97,8 +96,9 @@ func (r *Router) overhead() int {
 	return Overhead
 }
 
-// Sync makes the node's routes exactly those to peers' podCIDRs and returns
-// how many routes it added and removed.
+// Sync makes the node's routes exactly those to peers' podCIDRs (and, in
+// VXLAN mode, tunnel_v1 exactly their tunnels) and returns how many routes
+// it added and removed.
 func (r *Router) Sync(peers []Peer) (added, removed int, err error) {
 	var dev netlink.Link
 	if r.Mode == VXLAN {
@@ -107,27 +107,28 @@ func (r *Router) Sync(peers []Peer) (added, removed int, err error) {
 		}
 	}
 	want := map[netip.Prefix]*netlink.Route{}
-	wantNeigh := map[string]bool{} // VTEP IPs and MACs of live peers (VXLAN)
-	var errs []error
+	tunnels := map[netip.Prefix]maps.Tunnel{}
 	for _, p := range peers {
 		for _, cidr := range p.PodCIDRs {
-			if cidr.Addr().Is4() != p.NodeIP.Is4() && r.Mode == Native {
-				continue // no route across families
-			}
-			rt := &netlink.Route{Dst: ipNet(cidr.Masked()), Protocol: Proto}
+			cidr = cidr.Masked()
+			rt := &netlink.Route{Dst: ipNet(cidr), Protocol: Proto}
 			if r.Mode == Native {
+				if cidr.Addr().Is4() != p.NodeIP.Is4() {
+					continue // no route across families
+				}
 				rt.Gw = p.NodeIP.AsSlice()
 			} else {
-				v, ok := vtep(p.PodCIDRs)
-				if !ok || !cidr.Addr().Is4() {
-					continue
-				}
-				rt.Gw, rt.LinkIndex, rt.Flags = v.AsSlice(), dev.Attrs().Index, int(netlink.FLAG_ONLINK)
-				errs = append(errs, r.peerEntries(dev, p, v))
-				wantNeigh[v.String()], wantNeigh[VTEPMAC(p.NodeIP).String()] = true, true
+				rt.LinkIndex, rt.Scope = dev.Attrs().Index, netlink.SCOPE_LINK
+				tunnels[cidr] = maps.Tunnel{Node: p.NodeIP, VTEPMAC: VTEPMAC(p.NodeIP)}
 			}
-			want[cidr.Masked()] = rt
+			want[cidr] = rt
 		}
+	}
+	var errs []error
+	if r.Mode == VXLAN {
+		// Tunnels first: a route into the device without its tunnel
+		// entry would drop the packets routed there.
+		errs = append(errs, r.syncTunnels(tunnels))
 	}
 	have, err := r.List()
 	if err != nil {
@@ -146,9 +147,6 @@ func (r *Router) Sync(peers []Peer) (added, removed int, err error) {
 		}
 		removed++
 	}
-	if dev != nil {
-		errs = append(errs, pruneNeighbours(dev, wantNeigh))
-	}
 	for dst, rt := range want {
 		if err := netlink.RouteReplace(rt); err != nil {
 			errs = append(errs, fmt.Errorf("route %s via %s: %w", dst, rt.Gw, err))
@@ -157,6 +155,32 @@ func (r *Router) Sync(peers []Peer) (added, removed int, err error) {
 		added++
 	}
 	return added, removed, errors.Join(errs...)
+}
+
+// syncTunnels makes tunnel_v1 hold exactly want.
+func (r *Router) syncTunnels(want map[netip.Prefix]maps.Tunnel) error {
+	m, err := maps.Open(r.PinRoot)
+	if err != nil {
+		return fmt.Errorf("tunnel map: %w", err)
+	}
+	defer m.Close()
+	have, err := m.Tunnels()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for p := range have {
+		if _, ok := want[p]; !ok {
+			errs = append(errs, m.DeleteTunnel(p))
+		}
+	}
+	for p, t := range want {
+		if h, ok := have[p]; ok && h.Node == t.Node && bytes.Equal(h.VTEPMAC, t.VTEPMAC) {
+			continue
+		}
+		errs = append(errs, m.PutTunnel(p, t))
+	}
+	return errors.Join(errs...)
 }
 
 func sameRoute(a netlink.Route, b *netlink.Route) bool {
@@ -186,8 +210,8 @@ func (r *Router) List() ([]netlink.Route, error) {
 	return out, nil
 }
 
-// ensureVXLAN creates (or checks) the VXLAN device with this node's VTEP
-// address and MAC.
+// ensureVXLAN creates (or checks) the metadata-mode VXLAN device with this
+// node's MAC and addresses, and attaches the overlay programs to it.
 func (r *Router) ensureVXLAN() (netlink.Link, error) {
 	mac := VTEPMAC(r.LocalIP)
 	l, err := netlinksafe.LinkByName(Device)
@@ -201,12 +225,10 @@ func (r *Router) ensureVXLAN() (netlink.Link, error) {
 			return nil, err
 		}
 		v := &netlink.Vxlan{
-			LinkAttrs:    netlink.LinkAttrs{Name: Device, HardwareAddr: mac, MTU: under.Attrs().MTU - r.overhead()},
-			VxlanId:      vxlanID,
-			VtepDevIndex: under.Attrs().Index,
-			SrcAddr:      r.LocalIP.AsSlice(),
-			Port:         vxlanPort,
-			Learning:     false,
+			LinkAttrs: netlink.LinkAttrs{Name: Device, HardwareAddr: mac, MTU: under.Attrs().MTU - r.overhead()},
+			FlowBased: true,
+			Port:      vxlanPort,
+			Learning:  false,
 		}
 		if err := netlink.LinkAdd(v); err != nil {
 			return nil, fmt.Errorf("create %s: %w", Device, err)
@@ -215,11 +237,11 @@ func (r *Router) ensureVXLAN() (netlink.Link, error) {
 			return nil, fmt.Errorf("find %s: %w", Device, err)
 		}
 	}
-	// An existing device from before a node address change: peers derive
-	// this node's VTEP MAC from its current address.
-	if v, ok := l.(*netlink.Vxlan); ok && !net.IP.Equal(v.SrcAddr, r.LocalIP.AsSlice()) {
+	// A device of an older agent (per-peer FDB entries, not in metadata
+	// mode) is replaced: the datapath sets each packet's tunnel key.
+	if v, ok := l.(*netlink.Vxlan); !ok || !v.FlowBased {
 		if err := netlink.LinkDel(l); err != nil {
-			return nil, fmt.Errorf("recreate %s for the new node address: %w", Device, err)
+			return nil, fmt.Errorf("replace %s by a metadata-mode device: %w", Device, err)
 		}
 		return r.ensureVXLAN()
 	}
@@ -228,8 +250,19 @@ func (r *Router) ensureVXLAN() (netlink.Link, error) {
 			return nil, fmt.Errorf("set %s MAC: %w", Device, err)
 		}
 	}
-	if own, ok := vtep(r.Local); ok {
-		addr := &netlink.Addr{IPNet: ipNet(netip.PrefixFrom(own, 32))}
+	if l.Attrs().RawFlags&unix.IFF_NOARP == 0 {
+		// Nothing on the overlay answers ARP or ND: every neighbour
+		// resolves to the device's own MAC, to_overlay writes the peer's.
+		if err := netlink.LinkSetARPOff(l); err != nil {
+			return nil, fmt.Errorf("set %s noarp: %w", Device, err)
+		}
+	}
+	for _, p := range r.Local {
+		own := p.Masked().Addr()
+		addr := &netlink.Addr{IPNet: ipNet(netip.PrefixFrom(own, own.BitLen()))}
+		if own.Is6() {
+			addr.Flags = unix.IFA_F_NODAD
+		}
 		if err := netlink.AddrReplace(l, addr); err != nil {
 			return nil, fmt.Errorf("address %s on %s: %w", own, Device, err)
 		}
@@ -237,23 +270,31 @@ func (r *Router) ensureVXLAN() (netlink.Link, error) {
 	if err := netlink.LinkSetUp(l); err != nil {
 		return nil, fmt.Errorf("set %s up: %w", Device, err)
 	}
+	if err := r.attachOverlay(l); err != nil {
+		return nil, err
+	}
 	return l, nil
 }
 
-// peerEntries installs the static neighbour (VTEP IP -> MAC) and FDB (MAC ->
-// node IP) entries of a peer.
-func (r *Router) peerEntries(dev netlink.Link, p Peer, v netip.Addr) error {
-	mac := VTEPMAC(p.NodeIP)
-	neigh := &netlink.Neigh{LinkIndex: dev.Attrs().Index, State: netlink.NUD_PERMANENT, IP: v.AsSlice(), HardwareAddr: mac}
-	if err := netlink.NeighSet(neigh); err != nil {
-		return fmt.Errorf("neighbour %s of %s: %w", v, p.Name, err)
+// attachOverlay loads the datapath (the plugin's build, pinned under the
+// pin root) if no ADD did yet, and attaches the overlay programs to dev.
+func (r *Router) attachOverlay(dev netlink.Link) error {
+	progs, err := loader.Ensure(r.PinRoot)
+	if err != nil {
+		return fmt.Errorf("load datapath for %s: %w", Device, err)
 	}
-	fdb := &netlink.Neigh{
-		LinkIndex: dev.Attrs().Index, Family: unix.AF_BRIDGE, State: netlink.NUD_PERMANENT,
-		Flags: netlink.NTF_SELF, IP: p.NodeIP.AsSlice(), HardwareAddr: mac,
+	defer progs.Close()
+	m, err := maps.Open(r.PinRoot)
+	if err != nil {
+		return err
 	}
-	if err := netlink.NeighSet(fdb); err != nil {
-		return fmt.Errorf("fdb entry of %s: %w", p.Name, err)
+	defer m.Close()
+	d := loader.NodeDevice{Name: Device, Index: dev.Attrs().Index, Role: loader.RoleOverlay}
+	if err := m.ResetNodeStats(d.Index); err != nil {
+		return err
+	}
+	if err := progs.AttachNode(d); err != nil {
+		return fmt.Errorf("attach overlay programs to %s: %w", Device, err)
 	}
 	return nil
 }
@@ -285,33 +326,4 @@ func UnderlayMTU(ip netip.Addr) (int, error) {
 		return 0, err
 	}
 	return l.Attrs().MTU, nil
-}
-
-// pruneNeighbours removes the VXLAN device's permanent neighbour and FDB
-// entries of peers that are gone.
-func pruneNeighbours(dev netlink.Link, want map[string]bool) error {
-	var errs []error
-	for _, fam := range []int{netlink.FAMILY_V4, unix.AF_BRIDGE} {
-		neighs, err := nl.NeighList(dev.Attrs().Index, fam)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("list %s entries: %w", Device, err))
-			continue
-		}
-		for _, n := range neighs {
-			if n.State&netlink.NUD_PERMANENT == 0 {
-				continue
-			}
-			key := n.IP.String()
-			if fam == unix.AF_BRIDGE {
-				key = n.HardwareAddr.String()
-			}
-			if !want[key] {
-				n := n
-				if err := netlink.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
-					errs = append(errs, fmt.Errorf("remove stale %s entry %s: %w", Device, key, err))
-				}
-			}
-		}
-	}
-	return errors.Join(errs...)
 }
