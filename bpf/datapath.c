@@ -23,7 +23,8 @@
  *   here is redirected into it with bpf_redirect_peer, with the same TTL and
  *   counting rules; anything else continues to the host stack.
  * to_overlay (egress of the metadata-mode VXLAN device): gives every packet
- *   the tunnel key towards the node that owns its destination (tunnel_v1).
+ *   the host stack routes into it the tunnel key towards the node that owns
+ *   its destination (tunnel_v1); from_pod sets it itself on the fast path.
  *
  * "Pass" is TC_ACT_UNSPEC (TCX_NEXT): programs attached after ours still run.
  */
@@ -396,6 +397,55 @@ static __always_inline int forward_remote(struct __sk_buff *skb, __be16 proto, c
 	return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
 }
 
+static __always_inline int tunnel_key_set(struct __sk_buff *skb, const struct tunnel_info *ti)
+{
+	struct bpf_tunnel_key tk = {};
+	__u64 flags;
+
+	tk.tunnel_id = TUNNEL_VNI;
+	tk.tunnel_ttl = TUNNEL_TTL;
+	if (ti->family == EP_FAMILY_IPV4) {
+		__u32 a;
+
+		__builtin_memcpy(&a, ti->addr, 4);
+		tk.remote_ipv4 = bpf_ntohl(a);
+		flags = BPF_F_ZERO_CSUM_TX;
+	} else {
+		__builtin_memcpy(tk.remote_ipv6, ti->addr, 16);
+		flags = BPF_F_TUNINFO_IPV6; /* UDP over IPv6 keeps its checksum */
+	}
+	return bpf_skb_set_tunnel_key(skb, &tk, sizeof(tk), flags);
+}
+
+/*
+ * Sends a frame for another node's pod into the VXLAN device with its
+ * tunnel key already set (to_overlay then lets it through): one lookup in
+ * tunnel_v1 instead of the FIB's and to_overlay's. Returns TC_ACT_UNSPEC
+ * for the host path (frag needed, TTL).
+ */
+static __always_inline int encap_remote(struct __sk_buff *skb, __be16 proto, const struct parsed *p,
+					const struct tunnel_info *ti, const __u8 *src_mac)
+{
+	__u32 ifindex = ti->ifindex, mtu_len = 0;
+	__u8 vtep[ETH_ALEN], smac[ETH_ALEN];
+
+	if (p->ttl <= 1)
+		return TC_ACT_UNSPEC;
+	if (skb->gso_size) {
+		if (bpf_check_mtu(skb, ifindex, &mtu_len, 0, BPF_MTU_CHK_SEGS))
+			return TC_ACT_UNSPEC;
+	} else if (p->l3_len > ti->mtu) {
+		return TC_ACT_UNSPEC; /* the host routes it into the device and answers frag needed */
+	}
+	mac_copy(vtep, ti->vtep_mac);
+	mac_copy(smac, src_mac);
+	if (tunnel_key_set(skb, ti) < 0)
+		return TC_ACT_UNSPEC;
+	if (ttl_dec(skb, proto, p->ttl) < 0 || set_macs(skb, vtep, smac) < 0)
+		return TC_ACT_SHOT; /* the key is set: the host cannot take it back */
+	return bpf_redirect(ifindex, 0);
+}
+
 /* Routes what a pod sent, after anti-spoofing. */
 static __always_inline int route_pod(struct __sk_buff *skb, __be16 proto, void *l3,
 				     struct device_info *src, struct endpoint_stats *st)
@@ -441,7 +491,17 @@ static __always_inline int route_pod(struct __sk_buff *skb, __be16 proto, void *
 			st->to_node_fallback++;
 		return TC_ACT_UNSPEC;
 	}
-	rc = forward_remote(skb, proto, &fk, &p);
+	{
+		struct lpm_key k = {};
+		struct tunnel_info *ti;
+
+		lpm_of(&k, fk.family, fk.daddr);
+		ti = bpf_map_lookup_elem(&tunnel_v1, &k);
+		if (ti && ti->ifindex)
+			rc = encap_remote(skb, proto, &p, ti, src->host_mac);
+		else
+			rc = forward_remote(skb, proto, &fk, &p);
+	}
 	if (st) {
 		if (rc == TC_ACT_REDIRECT) {
 			st->to_node_packets++;
@@ -637,9 +697,16 @@ int to_overlay(struct __sk_buff *skb)
 	struct node_stats *ns;
 	struct lpm_key k = {};
 	__u32 ifindex = skb->ifindex;
-	__u64 flags;
 
 	ns = bpf_map_lookup_elem(&node_stats_v1, &ifindex);
+	if (bpf_skb_get_tunnel_key(skb, &tk, sizeof(tk), 0) == 0) {
+		/* from_pod set the key already (a fast-path packet) */
+		if (ns) {
+			ns->encap_packets++;
+			ns->encap_bytes += skb->len;
+		}
+		return TC_ACT_UNSPEC;
+	}
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_SHOT;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
@@ -668,19 +735,7 @@ int to_overlay(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	mac_copy(eth->h_dest, ti->vtep_mac);
-	tk.tunnel_id = TUNNEL_VNI;
-	tk.tunnel_ttl = TUNNEL_TTL;
-	if (ti->family == EP_FAMILY_IPV4) {
-		__u32 a;
-
-		__builtin_memcpy(&a, ti->addr, 4);
-		tk.remote_ipv4 = bpf_ntohl(a);
-		flags = BPF_F_ZERO_CSUM_TX;
-	} else {
-		__builtin_memcpy(tk.remote_ipv6, ti->addr, 16);
-		flags = BPF_F_TUNINFO_IPV6; /* UDP over IPv6 keeps its checksum */
-	}
-	if (bpf_skb_set_tunnel_key(skb, &tk, sizeof(tk), flags) < 0)
+	if (tunnel_key_set(skb, ti) < 0)
 		return TC_ACT_SHOT;
 	if (ns) {
 		ns->encap_packets++;

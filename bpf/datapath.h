@@ -118,6 +118,8 @@ struct tunnel_info {
 	__u8 vtep_mac[6];      /* the peer's VXLAN device MAC (inner destination MAC) */
 	__u8 pad[2];
 	__u8 addr[16];         /* the peer node's underlay address */
+	__u32 ifindex;         /* this node's VXLAN device, where from_pod sends it */
+	__u32 mtu;             /* that device's MTU: larger packets take the host path */
 };
 
 /*

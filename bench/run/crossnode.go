@@ -220,6 +220,13 @@ func xnSetup(e *env, kind, label string, i int) (*xsetup, error) {
 	}
 	s := &xsetup{setup: setup{key: "x-" + kind, label: label}, kind: kind, n1: n1, n2: n2}
 	if kind == "n2n" {
+		// The limit: the nodes themselves, with the NAT table (and so the
+		// conntrack) every node of the other setups has.
+		for _, n := range []*xnode{n1, n2} {
+			if err := masquerade(n); err != nil {
+				return nil, err
+			}
+		}
 		s.a, s.b, s.bIP = n1.ns, n2.ns, n2.under
 		return s, nil
 	}

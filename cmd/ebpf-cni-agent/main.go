@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/ebpf-cni/ebpf-cni/internal/agent"
+	"github.com/ebpf-cni/ebpf-cni/internal/agent/datapath"
 	"github.com/ebpf-cni/ebpf-cni/internal/agent/routes"
 )
 
@@ -41,11 +43,14 @@ func main() {
 	stateDir := flag.String("state-dir", "/var/lib/ebpf-cni", "where the plugin reads the node file (its stateDir)")
 	metricsAddr := flag.String("metrics-addr", ":9610", "address of /healthz and /metrics (empty: off)")
 	resync := flag.Duration("resync", 30*time.Second, "reconcile period from the informer caches (repairs state removed by hand)")
-	pinRoot := flag.String("pin-root", "/sys/fs/bpf/ebpf-cni", "the plugin's pin root (VXLAN mode keeps its tunnel map there)")
+	pinRoot := flag.String("pin-root", "/sys/fs/bpf/ebpf-cni", "the plugin's pin root (VXLAN mode keeps its tunnel map there; repairs use it)")
+	which := flag.String("controllers", "routes,datapath", "controllers to run: routes (Node objects: needs the API server), datapath (repairs pods' datapath from their records)")
+	repairEvery := flag.Duration("repair-interval", 2*time.Second, "how often the datapath controller checks the pods' datapath")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	cfg := routes.Config{NodeName: *nodeName, Mode: routes.Mode(*mode), StateDir: *stateDir, Resync: *resync}
-	if err := run(log, *kubeconfig, *metricsAddr, *pinRoot, cfg); err != nil {
+	dp := datapath.Config{StateDir: *stateDir, PinRoot: *pinRoot, Interval: *repairEvery}
+	if err := run(log, *kubeconfig, *metricsAddr, *pinRoot, strings.Split(*which, ","), cfg, dp); err != nil {
 		log.Error("agent stopped", "err", err)
 		os.Exit(1)
 	}
@@ -64,34 +69,47 @@ func firstArg() string {
 	return ""
 }
 
-func run(log *slog.Logger, kubeconfig, metricsAddr, pinRoot string, rc routes.Config) error {
-	if rc.NodeName == "" {
-		h, err := os.Hostname()
-		if err != nil {
-			return fmt.Errorf("node name: %w", err)
-		}
-		rc.NodeName = h
-	}
-	cfg, err := restConfig(kubeconfig)
-	if err != nil {
-		return err
-	}
-	client, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		return fmt.Errorf("kubernetes client: %w", err)
-	}
+func run(log *slog.Logger, kubeconfig, metricsAddr, pinRoot string, which []string, rc routes.Config, dc datapath.Config) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	factory := informers.NewSharedInformerFactory(client, 0)
-	rt, err := routes.New(log, factory, routes.Netlink{PinRoot: pinRoot}, rc, reg)
-	if err != nil {
-		return err
+	var controllers []agent.Controller
+	for _, name := range which {
+		switch strings.TrimSpace(name) {
+		case "routes":
+			if rc.NodeName == "" {
+				h, err := os.Hostname()
+				if err != nil {
+					return fmt.Errorf("node name: %w", err)
+				}
+				rc.NodeName = h
+			}
+			cfg, err := restConfig(kubeconfig)
+			if err != nil {
+				return err
+			}
+			client, err := kubernetes.NewForConfig(cfg)
+			if err != nil {
+				return fmt.Errorf("kubernetes client: %w", err)
+			}
+			factory := informers.NewSharedInformerFactory(client, 0)
+			rt, err := routes.New(log, factory, routes.Netlink{PinRoot: pinRoot}, rc, reg)
+			if err != nil {
+				return err
+			}
+			controllers = append(controllers, rt)
+			factory.Start(ctx.Done())
+		case "datapath":
+			dp, err := datapath.New(log, dc, reg)
+			if err != nil {
+				return err
+			}
+			controllers = append(controllers, dp)
+		default:
+			return fmt.Errorf("-controllers: unknown controller %q (routes, datapath)", name)
+		}
 	}
-	controllers := []agent.Controller{rt}
-	factory.Start(ctx.Done())
 
 	if metricsAddr != "" {
 		srv := &http.Server{Addr: metricsAddr, Handler: agent.Handler(reg, controllers...), ReadHeaderTimeout: 5 * time.Second}

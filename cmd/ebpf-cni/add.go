@@ -13,10 +13,12 @@ import (
 
 	"github.com/ebpf-cni/ebpf-cni/internal/config"
 	"github.com/ebpf-cni/ebpf-cni/internal/endpoint"
+	"github.com/ebpf-cni/ebpf-cni/internal/killpoint"
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 	"github.com/ebpf-cni/ebpf-cni/internal/maps"
 	"github.com/ebpf-cni/ebpf-cni/internal/nat"
 	"github.com/ebpf-cni/ebpf-cni/internal/nl"
+	"github.com/ebpf-cni/ebpf-cni/internal/node"
 	"github.com/ebpf-cni/ebpf-cni/internal/uplink"
 	"github.com/ebpf-cni/ebpf-cni/internal/veth"
 )
@@ -40,9 +42,11 @@ func (r *rollback) run(err *error) {
 	}
 }
 
-// cmdAdd: config → IPAM → datapath pins → veth, addresses, routes → device
-// entry → attach → endpoint entries → record + masquerade → result. Each
-// step registers its undo, so a failure leaves nothing behind.
+// cmdAdd: config → attachment lock → IPAM → datapath pins → veth,
+// addresses, routes → device entry → attach → endpoint entries → record +
+// masquerade → result. Each step registers its undo, so a failure leaves
+// nothing behind; the attachment lock keeps a runtime's retry from ever
+// overlapping (and undoing) the first call.
 func cmdAdd(args *skel.CmdArgs, conf *config.NetConf) (_ types.Result, retErr error) {
 	pa, err := config.ParseArgs(args.Args)
 	if err != nil {
@@ -52,6 +56,16 @@ func cmdAdd(args *skel.CmdArgs, conf *config.NetConf) (_ types.Result, retErr er
 	if mtu == 0 {
 		mtu = defaultMTU()
 	}
+	net := network(conf)
+	store := net.Store()
+	lk, err := store.LockAttachment(args.ContainerID, args.IfName)
+	if err != nil {
+		return nil, err
+	}
+	defer lk.Release()
+	boot := node.BootID()
+	// Best effort: what a previous boot left is GC's to report.
+	_ = net.SweepPreviousBoot(boot)
 
 	if err := veth.CheckAbsent(args.Netns, args.IfName); err != nil {
 		return nil, err
@@ -59,11 +73,15 @@ func cmdAdd(args *skel.CmdArgs, conf *config.NetConf) (_ types.Result, retErr er
 	var undo rollback
 	defer undo.run(&retErr)
 	owner := pa.Owner(args.ContainerID, args.IfName)
+	owner.BootID = boot
 	lease, err := conf.Addresses.Add(owner)
 	if err != nil {
 		return nil, err
 	}
-	undo.add(func() error { return conf.Addresses.Del(owner) })
+	if !lease.Held { // a retried ADD's addresses are not this call's to release
+		undo.add(func() error { return conf.Addresses.Del(owner) })
+	}
+	killpoint.At("add-ipam")
 
 	progs, err := loader.Ensure(conf.PinRoot)
 	if err != nil {
@@ -101,6 +119,7 @@ func cmdAdd(args *skel.CmdArgs, conf *config.NetConf) (_ types.Result, retErr er
 		return nil, err
 	}
 	undo.add(func() error { return veth.Teardown(host.Name) })
+	killpoint.At("add-veth")
 
 	dev := maps.Device{PodMAC: podMAC, HostMAC: hostMAC, Shaped: conf.Shaped()}
 	for _, a := range addrs {
@@ -114,22 +133,24 @@ func cmdAdd(args *skel.CmdArgs, conf *config.NetConf) (_ types.Result, retErr er
 		return nil, err
 	}
 	undo.add(func() error { return m.DeleteDevice(host.Index, podMAC) })
+	killpoint.At("add-device")
 	mode, err := progs.Attach(host.Index, host.Name, loader.Mode(conf.Attach))
 	if err != nil {
 		return nil, err
 	}
 	undo.add(func() error { return loader.Detach(conf.PinRoot, host.Index, host.Name) })
+	killpoint.At("add-attached")
 	for _, a := range addrs {
 		if err := m.PutEndpoint(maps.Endpoint{IP: a, Ifindex: host.Index, PodMAC: podMAC, HostMAC: hostMAC, Shaped: conf.Shaped()}); err != nil {
 			return nil, err
 		}
 		undo.add(func() error { return m.DeleteEndpoint(a, podMAC) })
 	}
+	killpoint.At("add-endpoints")
 	if err := veth.EnableForwarding(addrs); err != nil {
 		return nil, err
 	}
 
-	store := endpoint.NewStore(conf.StateDir, conf.Name)
 	unlock, err := store.Lock()
 	if err != nil {
 		return nil, err
@@ -140,12 +161,14 @@ func cmdAdd(args *skel.CmdArgs, conf *config.NetConf) (_ types.Result, retErr er
 		HostVeth: host.Name, HostIndex: host.Index,
 		PodMAC: podMAC.String(), HostMAC: hostMAC.String(),
 		IPs: lease.IPs, MTU: mtu, PodNamespace: owner.PodNamespace, PodName: owner.PodName,
-		Attach: string(mode), IPAM: conf.Addresses.Name(),
+		Attach: string(mode), IPAM: conf.Addresses.Name(), Shaped: conf.Shaped(), BootID: boot,
+		PinRoot: conf.PinRoot, ClusterCIDRs: conf.ClusterPrefixes,
 	}
 	if err := store.Write(rec); err != nil {
 		return nil, err
 	}
 	undo.add(func() error { return store.Remove(args.ContainerID, args.IfName) })
+	killpoint.At("add-record")
 	if *conf.Masquerade {
 		var nets []netip.Prefix
 		for _, p := range lease.IPs {
@@ -155,6 +178,7 @@ func cmdAdd(args *skel.CmdArgs, conf *config.NetConf) (_ types.Result, retErr er
 			return nil, err
 		}
 	}
+	killpoint.At("add-nat")
 	return buildResult(conf, host, pod, mtu, addrs, lease.Routes)
 }
 

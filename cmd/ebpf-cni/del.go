@@ -25,5 +25,16 @@ func cmdDel(args *skel.CmdArgs, conf *config.NetConf) (types.Result, error) {
 			}
 		}
 	}
-	return nil, network(conf).Teardown(args.ContainerID, args.IfName, extra)
+	n := network(conf)
+	lk, err := n.Store().LockAttachment(args.ContainerID, args.IfName)
+	if err != nil {
+		return nil, err
+	}
+	err = n.Teardown(args.ContainerID, args.IfName, extra)
+	if err != nil {
+		lk.Release()
+		return nil, err
+	}
+	lk.ReleaseAndRemove() // gone with the attachment
+	return nil, nil
 }

@@ -3,14 +3,17 @@ package main
 import (
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/ebpf-cni/ebpf-cni/internal/config"
 	"github.com/ebpf-cni/ebpf-cni/internal/endpoint"
+	"github.com/ebpf-cni/ebpf-cni/internal/flock"
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 	"github.com/ebpf-cni/ebpf-cni/internal/maps"
+	"github.com/ebpf-cni/ebpf-cni/internal/node"
 	"github.com/ebpf-cni/ebpf-cni/internal/uplink"
 )
 
@@ -21,30 +24,66 @@ import (
 // longer exists. It keeps going past errors and reports them.
 func cmdGC(_ *skel.CmdArgs, conf *config.NetConf) (types.Result, error) {
 	n := network(conf)
+	store := n.Store()
 	var errs []error
-	recs, err := n.Store().List()
+	errs = append(errs, n.SweepPreviousBoot(node.BootID()))
+	recs, damaged, err := store.List()
 	errs = append(errs, err)
 	done := map[[2]string]bool{}
-	for _, r := range recs {
-		if !conf.Valid(r.ContainerID, r.IfName) {
-			done[[2]string{r.ContainerID, r.IfName}] = true
-			errs = append(errs, n.Teardown(r.ContainerID, r.IfName, nil))
+	remove := func(cid, ifname string) {
+		k := [2]string{cid, ifname}
+		if conf.Valid(cid, ifname) || done[k] {
+			return
 		}
+		done[k] = true
+		// Skip an attachment whose ADD or DEL runs now: the next GC sees it.
+		lk, err := store.TryLockAttachment(cid, ifname)
+		if errors.Is(err, flock.ErrBusy) {
+			return
+		}
+		if err != nil {
+			errs = append(errs, err)
+			return
+		}
+		if err := n.Teardown(cid, ifname, nil); err != nil {
+			errs = append(errs, err)
+			lk.Release()
+			return
+		}
+		lk.ReleaseAndRemove()
+	}
+	for _, r := range recs {
+		remove(r.ContainerID, r.IfName)
+	}
+	for _, a := range damaged {
+		remove(a.ContainerID, a.IfName)
 	}
 	left, err := conf.Addresses.Leftovers(conf.Valid)
 	errs = append(errs, err)
 	for _, o := range left {
-		if !done[[2]string{o.ContainerID, o.IfName}] {
-			errs = append(errs, n.Teardown(o.ContainerID, o.IfName, nil))
-		}
+		remove(o.ContainerID, o.IfName)
 	}
-	errs = append(errs, conf.Addresses.GC(conf.Valid))
+	errs = append(errs, conf.Addresses.GC(func(cid, ifname string) bool {
+		return conf.Valid(cid, ifname) || !done[[2]string{cid, ifname}] && busy(store, cid, ifname)
+	}))
+	errs = append(errs, store.SweepTemp(time.Minute))
 	errs = append(errs, endpoint.SweepOrphans(conf.PinRoot))
 	errs = append(errs, gcNodeDevices(conf))
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("gc: %w", err)
 	}
 	return nil, nil
+}
+
+// busy reports whether an ADD or DEL of the attachment runs now (its
+// addresses are not GC's to release).
+func busy(store endpoint.Store, cid, ifname string) bool {
+	lk, err := store.TryLockAttachment(cid, ifname)
+	if err != nil {
+		return errors.Is(err, flock.ErrBusy)
+	}
+	lk.Release()
+	return false
 }
 
 // network is the config's network as the endpoint model sees it.

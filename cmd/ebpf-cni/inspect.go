@@ -27,12 +27,19 @@ func runCLI(argv []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 		return 0
+	case "repair", "upgrade":
+		if err := repair(argv[0], argv[1:], stdout, stderr); err != nil {
+			fmt.Fprintf(stderr, "ebpf-cni %s: %v\n", argv[0], err)
+			return 1
+		}
+		return 0
 	case "version", "--version":
 		fmt.Fprintf(stdout, "ebpf-cni (datapath %s) CNI %v\n", loader.Tag(), config.SupportedVersions.SupportedVersions())
 		return 0
 	default:
 		fmt.Fprintf(stderr, "usage: ebpf-cni inspect [--json] [--pin-root DIR] [--state-dir DIR] [--ipam-dir DIR]\n"+
 			"       ebpf-cni uninstall [--pin-root DIR] [--state-dir DIR]\n"+
+			"       ebpf-cni repair|upgrade [--pin-root DIR] [--state-dir DIR]\n"+
 			"       ebpf-cni version\n(run by a container runtime, CNI_COMMAND selects the CNI verb)\n")
 		return 2
 	}

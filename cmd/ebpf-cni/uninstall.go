@@ -32,7 +32,7 @@ func uninstall(argv []string, stdout, stderr io.Writer) error {
 	errs = append(errs, loader.DetachNodes(*pinRoot), uplink.Forget(*stateDir))
 	pods := 0
 	for _, n := range endpoint.Networks(*stateDir) {
-		recs, err := endpoint.NewStore(*stateDir, n).List()
+		recs, _, err := endpoint.NewStore(*stateDir, n).List()
 		errs = append(errs, err)
 		pods += len(recs)
 	}

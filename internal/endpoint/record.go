@@ -20,6 +20,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/ebpf-cni/ebpf-cni/internal/atomicfile"
 	"github.com/ebpf-cni/ebpf-cni/internal/flock"
@@ -40,7 +41,17 @@ type Record struct {
 	PodName      string         `json:"podName,omitempty"`
 	Attach       string         `json:"attach"`
 	IPAM         string         `json:"ipam"`
+	Shaped       bool           `json:"shaped,omitempty"` // rate-limited: the host path both ways
+	PinRoot      string         `json:"pinRoot,omitempty"`
+	ClusterCIDRs []netip.Prefix `json:"clusterCIDRs,omitempty"`
+	// BootID is the kernel's boot ID at ADD: a record of a previous boot
+	// belongs to no live pod.
+	BootID string `json:"bootID,omitempty"`
 }
+
+// ErrDamaged is a record file that does not decode: DEL and GC go on with
+// what the attachment's name tells (host veth, MACs, IPAM owner).
+var ErrDamaged = errors.New("damaged endpoint record")
 
 // Addrs returns the record's addresses without their masks.
 func (r *Record) Addrs() []netip.Addr {
@@ -107,8 +118,8 @@ func readFile(path string) (*Record, error) {
 		return nil, fmt.Errorf("read endpoint record: %w", err)
 	}
 	var r Record
-	if err := json.Unmarshal(data, &r); err != nil {
-		return nil, fmt.Errorf("decode endpoint record %s: %w", path, err)
+	if err := json.Unmarshal(data, &r); err != nil || r.ContainerID == "" || r.IfName == "" {
+		return nil, fmt.Errorf("%s: %w", path, ErrDamaged)
 	}
 	return &r, nil
 }
@@ -126,30 +137,78 @@ func isRecord(name string) bool {
 	return strings.HasSuffix(name, ".json") && !strings.HasPrefix(name, ".")
 }
 
-// List returns every record of the network.
-func (s Store) List() ([]*Record, error) {
+// Attachment names an attachment.
+type Attachment struct{ ContainerID, IfName string }
+
+// List returns every record of the network, and the attachments whose
+// record is damaged (named by its file), which it skips.
+func (s Store) List() ([]*Record, []Attachment, error) {
 	entries, err := os.ReadDir(s.endpointsDir())
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
+		return nil, nil, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("list endpoint records: %w", err)
+		return nil, nil, fmt.Errorf("list endpoint records: %w", err)
 	}
 	var out []*Record
+	var damaged []Attachment
 	for _, e := range entries {
 		if e.IsDir() || !isRecord(e.Name()) {
 			continue
 		}
 		r, err := readFile(filepath.Join(s.endpointsDir(), e.Name()))
+		if errors.Is(err, ErrDamaged) {
+			cid, ifname, ok := strings.Cut(strings.TrimSuffix(e.Name(), ".json"), ":")
+			if ok {
+				damaged = append(damaged, Attachment{ContainerID: cid, IfName: ifname})
+			}
+			continue
+		}
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if r != nil {
 			out = append(out, r)
 		}
 	}
-	return out, nil
+	return out, damaged, nil
 }
+
+// LockAttachment takes the attachment's lock for a whole ADD or DEL
+// (bounded wait; see internal/flock).
+func (s Store) LockAttachment(containerID, ifname string) (*flock.Removable, error) {
+	return flock.AcquireRemovable(s.lockPath(containerID, ifname), flock.DefaultWait)
+}
+
+// TryLockAttachment takes the attachment's lock only if no ADD or DEL of it
+// runs (GC): flock.ErrBusy otherwise.
+func (s Store) TryLockAttachment(containerID, ifname string) (*flock.Removable, error) {
+	return flock.TryAcquireRemovable(s.lockPath(containerID, ifname))
+}
+
+func (s Store) lockPath(containerID, ifname string) string {
+	return filepath.Join(s.dir, "locks", containerID+":"+ifname+".lock")
+}
+
+// SweepTemp removes temp files of atomic writes older than age (left by a
+// process killed while writing).
+func (s Store) SweepTemp(age time.Duration) error {
+	var errs []error
+	for _, dir := range []string{s.dir, s.endpointsDir()} {
+		matches, _ := filepath.Glob(filepath.Join(dir, ".tmp-*"))
+		for _, m := range matches {
+			if fi, err := os.Stat(m); err == nil && time.Since(fi.ModTime()) >= age {
+				if err := os.Remove(m); err != nil && !errors.Is(err, os.ErrNotExist) {
+					errs = append(errs, err)
+				}
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// bootFile remembers the boot of the network's last previous-boot sweep.
+func (s Store) bootFile() string { return filepath.Join(s.dir, "boot_id") }
 
 // Any reports whether the network has a record, reading the directory only
 // until the first one.

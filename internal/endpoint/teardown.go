@@ -4,11 +4,15 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/ebpf-cni/ebpf-cni/internal/atomicfile"
 	"github.com/ebpf-cni/ebpf-cni/internal/ipam"
+	"github.com/ebpf-cni/ebpf-cni/internal/killpoint"
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 	"github.com/ebpf-cni/ebpf-cni/internal/maps"
 	"github.com/ebpf-cni/ebpf-cni/internal/nat"
@@ -37,7 +41,9 @@ func (n Net) Teardown(containerID, ifname string, extra []netip.Addr) error {
 	var errs []error
 	store := n.Store()
 	rec, err := store.Read(containerID, ifname)
-	errs = append(errs, err)
+	if !errors.Is(err, ErrDamaged) { // damaged: removed below like any other
+		errs = append(errs, err)
+	}
 	hostName := veth.HostName(containerID, ifname)
 	podMAC, _ := veth.MACs(containerID, ifname)
 	addrs := extra
@@ -52,9 +58,13 @@ func (n Net) Teardown(containerID, ifname string, extra []netip.Addr) error {
 	addrs = append(addrs, n.IPAM.Held(containerID, ifname)...)
 
 	errs = append(errs, unmap(n.PinRoot, addrs, idx, podMAC))
+	killpoint.At("del-unmapped")
 	errs = append(errs, loader.Detach(n.PinRoot, live, hostName))
+	killpoint.At("del-detached")
 	errs = append(errs, veth.Teardown(hostName))
+	killpoint.At("del-veth-gone")
 	errs = append(errs, n.IPAM.Del(ipam.Owner{ContainerID: containerID, IfName: ifname}))
+	killpoint.At("del-released")
 
 	unlock, err := store.Lock()
 	if err != nil {
@@ -62,6 +72,7 @@ func (n Net) Teardown(containerID, ifname string, extra []netip.Addr) error {
 	}
 	defer unlock()
 	errs = append(errs, store.Remove(containerID, ifname))
+	killpoint.At("del-record-removed")
 	if left, err := store.Any(); err == nil && !left {
 		errs = append(errs, nat.Remove(n.Name))
 	} else if err != nil {
@@ -128,10 +139,47 @@ func SweepOrphans(pinRoot string) error {
 	} else if !errors.Is(err, loader.ErrNotLoaded) {
 		errs = append(errs, err)
 	}
+	if m != nil {
+		// Counters of a crash between the device and counters writes, and
+		// of node devices that are gone.
+		errs = append(errs, m.SweepStats(func(idx int) bool {
+			_, err := netlink.LinkByIndex(idx)
+			var nf netlink.LinkNotFoundError
+			return !errors.As(err, &nf)
+		}))
+	}
 	orphans, err := loader.Orphans(pinRoot)
 	errs = append(errs, err)
 	for _, ifname := range orphans {
 		errs = append(errs, loader.Detach(pinRoot, 0, ifname))
 	}
 	return errors.Join(errs...)
+}
+
+// SweepPreviousBoot tears down the attachments recorded in another boot
+// than current (their pods, veths and pins went with the reboot; their
+// addresses and records did not), and has IPAM reclaim reservations of
+// previous boots. Attachments of this boot are never touched. The network
+// remembers the boot it swept in, so an ADD pays one small file read when
+// there is nothing to do.
+func (n Net) SweepPreviousBoot(current string) error {
+	store := n.Store()
+	if b, err := os.ReadFile(store.bootFile()); err == nil && string(b) == current {
+		return nil
+	}
+	recs, _, err := store.List()
+	errs := []error{err}
+	for _, r := range recs {
+		if r.BootID != "" && r.BootID != current {
+			errs = append(errs, n.Teardown(r.ContainerID, r.IfName, nil))
+		}
+	}
+	errs = append(errs, n.IPAM.Reclaim(current))
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("reclaim attachments of a previous boot: %w", err)
+	}
+	if err := os.MkdirAll(filepath.Dir(store.bootFile()), 0o700); err != nil {
+		return err
+	}
+	return atomicfile.Write(store.bootFile(), []byte(current), 0o600)
 }

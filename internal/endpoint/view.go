@@ -109,7 +109,7 @@ func endpointViews(m *maps.Maps, pinRoot, stateDir, ipamDir string) ([]View, err
 	byIP := map[netip.Addr]*Record{}
 	network := map[*Record]string{}
 	for _, n := range Networks(stateDir) {
-		recs, err := NewStore(stateDir, n).List()
+		recs, _, err := NewStore(stateDir, n).List()
 		if err != nil {
 			continue
 		}

@@ -120,6 +120,7 @@ func (a *Allocator) reserve(i int, set RangeSet, owner Owner, used map[netip.Add
 			IfName:       owner.IfName,
 			PodNamespace: owner.PodNamespace,
 			PodName:      owner.PodName,
+			BootID:       owner.BootID,
 		}
 		ok, err := a.store.Reserve(rec, id)
 		if err != nil {
@@ -156,6 +157,13 @@ func (a *Allocator) Free() ([]uint64, error) {
 	all, err := a.store.List()
 	if err != nil {
 		return nil, fmt.Errorf("count free addresses: %w", err)
+	}
+	damaged, err := a.store.Damaged()
+	if err != nil {
+		return nil, fmt.Errorf("count free addresses: %w", err)
+	}
+	for _, ip := range damaged {
+		all = append(all, Record{IP: ip}) // taken until GC or its owner's release
 	}
 	out := make([]uint64, len(a.sets))
 	for i, set := range a.sets {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/ebpf-cni/ebpf-cni/internal/atomicfile"
 	"github.com/ebpf-cni/ebpf-cni/internal/flock"
+	"github.com/ebpf-cni/ebpf-cni/internal/killpoint"
 )
 
 const (
@@ -33,11 +34,15 @@ const (
 //	<dir>/last_reserved_ip.<id>    last IP reserved for range set <id>
 //	<dir>/owners/<hash>            the IPs of one (containerID, ifName), so
 //	                               ADD and DEL never read every record
-//	<dir>/.tmp-*                   temp files; leftovers of a crash are ignored
+//	<dir>/.tmp-*                   temp files; leftovers of a crash are swept by GC
 //
 // Record files are written in full to a temp file, fsynced, and hard-linked
 // into place, so a record is never seen half written and an existing record
-// is never overwritten.
+// is never overwritten. The owner index names an IP before its record
+// exists, so releasing by owner finds every reservation whatever step a
+// crash stopped at. A file that does not decode (damaged) never fails a
+// whole call: it is skipped by listing (Damaged names it), released with its
+// owner when an owner index names it, and reclaimed by GC otherwise.
 type DiskStore struct {
 	dir string
 }
@@ -96,30 +101,38 @@ func (s *DiskStore) Reserve(rec Record, rangeID string) (bool, error) {
 		return false, fmt.Errorf("reserve %s: %w", rec.IP, err)
 	}
 	defer os.Remove(tmp)
+	killpoint.At("ipam-temp-written")
+
+	// The owner index first: a crash after it leaves an IP the owner's
+	// release removes from the index, never a reservation nobody finds.
+	idx := s.readOwnerOrEmpty(rec.ContainerID, rec.IfName)
+	idx.IPs = append(slices.DeleteFunc(idx.IPs, func(a netip.Addr) bool { return a == rec.IP }), rec.IP)
+	if err := s.writeOwner(idx); err != nil {
+		return false, fmt.Errorf("reserve %s: owner index: %w", rec.IP, err)
+	}
+	killpoint.At("ipam-owner-indexed")
+	unindex := func() error {
+		idx.IPs = slices.DeleteFunc(idx.IPs, func(a netip.Addr) bool { return a == rec.IP })
+		return s.writeOwner(idx)
+	}
 
 	// link(2) fails on an existing name: the reservation is exclusive even
 	// for a caller that forgot the lock.
 	if err := os.Link(tmp, path); err != nil {
+		uerr := unindex()
 		if errors.Is(err, fs.ErrExist) {
-			return false, nil
+			return false, uerr
 		}
-		return false, fmt.Errorf("reserve %s: %w", rec.IP, err)
+		return false, errors.Join(fmt.Errorf("reserve %s: %w", rec.IP, err), uerr)
 	}
-	idx, err := s.readOwner(rec.ContainerID, rec.IfName)
-	if err == nil {
-		idx.IPs = append(slices.DeleteFunc(idx.IPs, func(a netip.Addr) bool { return a == rec.IP }), rec.IP)
-		err = s.writeOwner(idx)
-	}
-	if err == nil {
-		err = s.writeFile(s.lastPath(rangeID), []byte(rec.IP.String()+"\n"))
-	}
-	if err != nil {
+	killpoint.At("ipam-linked")
+	if err := s.writeFile(s.lastPath(rangeID), []byte(rec.IP.String()+"\n")); err != nil {
 		// Without bookkeeping the reservation would still be valid, but the
 		// caller is told it failed, so it must not stay behind.
 		if rmErr := os.Remove(path); rmErr != nil && !errors.Is(rmErr, fs.ErrNotExist) {
 			err = errors.Join(err, fmt.Errorf("undo reservation: %w", rmErr))
 		}
-		return false, fmt.Errorf("reserve %s: bookkeeping: %w", rec.IP, err)
+		return false, errors.Join(fmt.Errorf("reserve %s: bookkeeping: %w", rec.IP, err), unindex())
 	}
 	if err := s.syncDir(); err != nil {
 		return false, fmt.Errorf("reserve %s: %w", rec.IP, err)
@@ -191,7 +204,9 @@ func (s *DiskStore) LastReserved(rangeID string) (netip.Addr, error) {
 	}
 	ip, err := netip.ParseAddr(strings.TrimSpace(string(data)))
 	if err != nil {
-		return netip.Addr{}, fmt.Errorf("read last reserved ip from %s (delete the file to reset it): %w", path, err)
+		// Only where round-robin resumes: start over (the next
+		// reservation rewrites the file) rather than refuse every ADD.
+		return netip.Addr{}, nil
 	}
 	return ip, nil
 }
@@ -206,6 +221,16 @@ type ownerIndex struct {
 func (s *DiskStore) ownerPath(containerID, ifName string) string {
 	sum := sha256.Sum256([]byte(containerID + "\x00" + ifName))
 	return filepath.Join(s.dir, ownersDir, hex.EncodeToString(sum[:16]))
+}
+
+// readOwnerOrEmpty is readOwner with a damaged index read as empty: the
+// records still name their owner, and GC reclaims what the index lost.
+func (s *DiskStore) readOwnerOrEmpty(containerID, ifName string) ownerIndex {
+	idx, err := s.readOwner(containerID, ifName)
+	if err != nil {
+		return ownerIndex{ContainerID: containerID, IfName: ifName}
+	}
+	return idx
 }
 
 func (s *DiskStore) readOwner(containerID, ifName string) (ownerIndex, error) {
@@ -242,7 +267,8 @@ func (s *DiskStore) writeOwner(idx ownerIndex) error {
 	return s.writeFile(path, data)
 }
 
-// readRecord returns the record of ip; ok is false when there is none.
+// readRecord returns the record of ip; ok is false when there is none. A
+// file that does not decode wraps ErrDamaged.
 func (s *DiskStore) readRecord(ip netip.Addr) (Record, bool, error) {
 	data, err := os.ReadFile(s.recordPath(ip))
 	if errors.Is(err, fs.ErrNotExist) {
@@ -252,25 +278,25 @@ func (s *DiskStore) readRecord(ip netip.Addr) (Record, bool, error) {
 		return Record{}, false, err
 	}
 	var rec Record
-	if err := json.Unmarshal(data, &rec); err != nil {
-		return Record{}, false, fmt.Errorf("decode %s: %w", s.recordPath(ip), err)
+	if err := json.Unmarshal(data, &rec); err != nil || rec.IP != ip {
+		return Record{}, true, fmt.Errorf("%s: %w", s.recordPath(ip), ErrDamaged)
 	}
 	return rec, true, nil
 }
 
-// Owned implements Store through the owner index.
+// Owned implements Store through the owner index. A damaged record the
+// index names counts as the owner's (only the index says whose it is).
 func (s *DiskStore) Owned(containerID, ifName string) ([]Record, error) {
-	idx, err := s.readOwner(containerID, ifName)
-	if err != nil {
-		return nil, err
-	}
+	idx := s.readOwnerOrEmpty(containerID, ifName)
 	out := []Record{}
 	for _, ip := range idx.IPs {
 		rec, ok, err := s.readRecord(ip)
-		if err != nil {
+		switch {
+		case errors.Is(err, ErrDamaged):
+			out = append(out, Record{IP: ip, ContainerID: containerID, IfName: ifName})
+		case err != nil:
 			return nil, fmt.Errorf("owned by %s/%s: %w", containerID, ifName, err)
-		}
-		if ok && rec.ContainerID == containerID && rec.IfName == ifName {
+		case ok && rec.ContainerID == containerID && rec.IfName == ifName:
 			out = append(out, rec)
 		}
 	}
@@ -278,9 +304,8 @@ func (s *DiskStore) Owned(containerID, ifName string) ([]Record, error) {
 	return out, nil
 }
 
-// ReleaseOwner implements Store. Reservations whose owner index was lost
-// (a crash between the record and the index) are left to GC, which lists
-// every record.
+// ReleaseOwner implements Store: every record the owner index names (that
+// is the owner's, or damaged), then the index.
 func (s *DiskStore) ReleaseOwner(containerID, ifName string) ([]Record, error) {
 	owned, err := s.Owned(containerID, ifName)
 	if err != nil {
@@ -293,6 +318,7 @@ func (s *DiskStore) ReleaseOwner(containerID, ifName string) ([]Record, error) {
 		}
 		removed = append(removed, rec)
 	}
+	killpoint.At("ipam-records-removed")
 	if err := s.writeOwner(ownerIndex{ContainerID: containerID, IfName: ifName}); err != nil {
 		return removed, fmt.Errorf("release %s/%s: %w", containerID, ifName, err)
 	}
@@ -310,6 +336,9 @@ func (s *DiskStore) Release(ip netip.Addr) error {
 		return fmt.Errorf("release %s: %w", ip, ErrInvalidRecord)
 	}
 	rec, ok, err := s.readRecord(ip)
+	if errors.Is(err, ErrDamaged) {
+		ok, err = false, nil // no owner to unindex: remove the file alone
+	}
 	if err != nil {
 		return fmt.Errorf("release %s: %w", ip, err)
 	}
@@ -317,10 +346,7 @@ func (s *DiskStore) Release(ip netip.Addr) error {
 		return fmt.Errorf("release %s: %w", ip, err)
 	}
 	if ok {
-		idx, err := s.readOwner(rec.ContainerID, rec.IfName)
-		if err != nil {
-			return fmt.Errorf("release %s: %w", ip, err)
-		}
+		idx := s.readOwnerOrEmpty(rec.ContainerID, rec.IfName)
 		idx.IPs = slices.DeleteFunc(idx.IPs, func(a netip.Addr) bool { return a == ip })
 		if err := s.writeOwner(idx); err != nil {
 			return fmt.Errorf("release %s: %w", ip, err)
@@ -341,38 +367,105 @@ func (s *DiskStore) remove(ip netip.Addr) error {
 
 // List implements Store. Only regular files named by an IP address in its
 // canonical form are records; the lock, last_reserved_ip.* and temp files
-// are skipped.
+// are skipped, and so are damaged records (Damaged lists them).
 func (s *DiskStore) List() ([]Record, error) {
+	out := []Record{}
+	err := s.each(func(ip netip.Addr, rec Record, damaged bool) {
+		if !damaged {
+			out = append(out, rec)
+		}
+	})
+	return out, err
+}
+
+// Damaged implements Store.
+func (s *DiskStore) Damaged() ([]netip.Addr, error) {
+	var out []netip.Addr
+	err := s.each(func(ip netip.Addr, _ Record, damaged bool) {
+		if damaged {
+			out = append(out, ip)
+		}
+	})
+	return out, err
+}
+
+// each visits every record file, sorted by IP.
+func (s *DiskStore) each(fn func(ip netip.Addr, rec Record, damaged bool)) error {
 	entries, err := os.ReadDir(s.dir)
 	if errors.Is(err, fs.ErrNotExist) {
-		return []Record{}, nil
+		return nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("list reservations in %s: %w", s.dir, err)
+		return fmt.Errorf("list reservations in %s: %w", s.dir, err)
 	}
-	out := []Record{}
+	var ips []netip.Addr
 	for _, e := range entries {
 		ip, err := netip.ParseAddr(e.Name())
-		if err != nil || ip.String() != e.Name() || !e.Type().IsRegular() {
+		if err == nil && ip.String() == e.Name() && e.Type().IsRegular() {
+			ips = append(ips, ip)
+		}
+	}
+	slices.SortFunc(ips, netip.Addr.Compare)
+	for _, ip := range ips {
+		rec, ok, err := s.readRecord(ip)
+		switch {
+		case errors.Is(err, ErrDamaged):
+			fn(ip, Record{IP: ip}, true)
+		case err != nil:
+			return fmt.Errorf("list reservations: %w", err)
+		case ok:
+			fn(ip, rec, false)
+		}
+	}
+	return nil
+}
+
+// Owners implements Store: every owner index, by IP.
+func (s *DiskStore) Owners() (map[netip.Addr]Owner, error) {
+	out := map[netip.Addr]Owner{}
+	entries, err := os.ReadDir(filepath.Join(s.dir, ownersDir))
+	if errors.Is(err, fs.ErrNotExist) {
+		return out, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list owner indexes: %w", err)
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), ".") {
 			continue
 		}
-		path := filepath.Join(s.dir, e.Name())
-		data, err := os.ReadFile(path)
-		if errors.Is(err, fs.ErrNotExist) {
-			continue // released since ReadDir
+		data, err := os.ReadFile(filepath.Join(s.dir, ownersDir, e.Name()))
+		var idx ownerIndex
+		if err != nil || json.Unmarshal(data, &idx) != nil {
+			continue // damaged: its records still name their owner
 		}
-		if err != nil {
-			return nil, fmt.Errorf("list reservations: %w", err)
+		for _, ip := range idx.IPs {
+			out[ip] = Owner{ContainerID: idx.ContainerID, IfName: idx.IfName}
 		}
-		var rec Record
-		if err := json.Unmarshal(data, &rec); err != nil {
-			return nil, fmt.Errorf("list reservations: decode %s: %w", path, err)
-		}
-		if rec.IP != ip {
-			return nil, fmt.Errorf("list reservations: %s holds ip %s: %w", path, rec.IP, ErrInvalidRecord)
-		}
-		out = append(out, rec)
 	}
-	slices.SortFunc(out, func(a, b Record) int { return a.IP.Compare(b.IP) })
 	return out, nil
+}
+
+// SweepTemp implements Store: temp files older than age are leftovers of a
+// process that died writing (newer ones may be in flight).
+func (s *DiskStore) SweepTemp(age time.Duration) error {
+	return sweepTemp([]string{s.dir, filepath.Join(s.dir, ownersDir)}, age)
+}
+
+// sweepTemp removes ".tmp-*" files older than age in dirs.
+func sweepTemp(dirs []string, age time.Duration) error {
+	var errs []error
+	for _, dir := range dirs {
+		matches, _ := filepath.Glob(filepath.Join(dir, tempPattern))
+		for _, m := range matches {
+			fi, err := os.Stat(m)
+			if err != nil || time.Since(fi.ModTime()) < age {
+				continue
+			}
+			if err := os.Remove(m); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/types"
@@ -39,12 +40,17 @@ type Manager interface {
 	GC(keep func(containerID, ifName string) bool) error
 	// Status reports whether an ADD can get addresses now.
 	Status() error
+	// Reclaim releases reservations made in another boot than current.
+	Reclaim(current string) error
 }
 
 // Lease is what IPAM gave an attachment.
 type Lease struct {
 	IPs    []netip.Prefix // address with its subnet's mask
 	Routes []netip.Prefix // destinations the pod routes via its gateway
+	// Held: the owner held every address before this Add (a retried ADD);
+	// a failing ADD must not release them.
+	Held bool
 }
 
 // Addrs returns the leased addresses without their masks.
@@ -91,11 +97,12 @@ func (b *Builtin) Add(o Owner) (Lease, error) {
 	if b.unavailable != nil {
 		return Lease{}, b.unavailable
 	}
+	held := len(b.Held(o.ContainerID, o.IfName)) == len(b.alloc.sets)
 	recs, err := b.alloc.Allocate(o, flock.DefaultWait)
 	if err != nil {
 		return Lease{}, fmt.Errorf("allocate address: %w", err)
 	}
-	var l Lease
+	l := Lease{Held: held}
 	for i, r := range recs {
 		for _, rg := range b.alloc.sets[i] {
 			if rg.Subnet.Contains(r.IP) {
@@ -141,27 +148,41 @@ func (b *Builtin) Held(containerID, ifName string) []netip.Addr {
 	return out
 }
 
-// Leftovers implements Manager: the owners of reservations keep does not want.
+// Leftovers implements Manager: the owners of reservations keep does not
+// want, from the records and from the owner indexes (which also name the
+// owners of damaged records and of IPs whose record a crash never linked).
 func (b *Builtin) Leftovers(keep func(containerID, ifName string) bool) ([]Owner, error) {
 	recs, err := b.alloc.Records()
 	if err != nil {
 		return nil, err
 	}
+	owners, err := b.store.Owners()
+	if err != nil {
+		return nil, err
+	}
 	var out []Owner
 	seen := map[[2]string]bool{}
-	for _, r := range recs {
-		k := [2]string{r.ContainerID, r.IfName}
-		if keep(r.ContainerID, r.IfName) || seen[k] {
-			continue
+	add := func(o Owner) {
+		k := [2]string{o.ContainerID, o.IfName}
+		if keep(o.ContainerID, o.IfName) || seen[k] {
+			return
 		}
 		seen[k] = true
-		out = append(out, Owner{ContainerID: r.ContainerID, IfName: r.IfName, PodNamespace: r.PodNamespace, PodName: r.PodName})
+		out = append(out, o)
+	}
+	for _, r := range recs {
+		add(Owner{ContainerID: r.ContainerID, IfName: r.IfName, PodNamespace: r.PodNamespace, PodName: r.PodName})
+	}
+	for _, o := range owners {
+		add(o)
 	}
 	return out, nil
 }
 
 // GC implements Manager. Each record is released on its own, so one whose
-// owner index was lost goes too.
+// owner index was lost goes too; a damaged record goes unless an owner
+// index of a kept attachment names it; crash leftovers (temp files) older
+// than a minute go.
 func (b *Builtin) GC(keep func(containerID, ifName string) bool) error {
 	recs, err := b.alloc.Records()
 	if err != nil {
@@ -170,6 +191,32 @@ func (b *Builtin) GC(keep func(containerID, ifName string) bool) error {
 	var errs []error
 	for _, r := range recs {
 		if !keep(r.ContainerID, r.IfName) {
+			errs = append(errs, b.alloc.ReleaseIP(r.IP, flock.DefaultWait))
+		}
+	}
+	damaged, err := b.store.Damaged()
+	errs = append(errs, err)
+	owners, err := b.store.Owners()
+	errs = append(errs, err)
+	for _, ip := range damaged {
+		if o, ok := owners[ip]; ok && keep(o.ContainerID, o.IfName) {
+			continue
+		}
+		errs = append(errs, b.alloc.ReleaseIP(ip, flock.DefaultWait))
+	}
+	errs = append(errs, b.store.SweepTemp(time.Minute))
+	return errors.Join(errs...)
+}
+
+// Reclaim implements Manager: reservations recording another boot.
+func (b *Builtin) Reclaim(current string) error {
+	recs, err := b.alloc.Records()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, r := range recs {
+		if r.BootID != "" && r.BootID != current {
 			errs = append(errs, b.alloc.ReleaseIP(r.IP, flock.DefaultWait))
 		}
 	}
@@ -275,6 +322,9 @@ func (d *Delegate) Held(string, string) []netip.Addr { return nil }
 
 // Leftovers implements Manager: the plugin's GC finds its own.
 func (d *Delegate) Leftovers(func(string, string) bool) ([]Owner, error) { return nil, nil }
+
+// Reclaim implements Manager: a delegated plugin keeps its own state.
+func (d *Delegate) Reclaim(string) error { return nil }
 
 // GC implements Manager by forwarding the GC call (with its
 // valid-attachments list) to the plugin.

@@ -118,3 +118,20 @@ func (m *MemStore) Owned(containerID, ifName string) ([]Record, error) {
 	}
 	return out, nil
 }
+
+// Damaged implements Store: memory does not rot.
+func (m *MemStore) Damaged() ([]netip.Addr, error) { return nil, nil }
+
+// Owners implements Store.
+func (m *MemStore) Owners() (map[netip.Addr]Owner, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := map[netip.Addr]Owner{}
+	for ip, r := range m.recs {
+		out[ip] = Owner{ContainerID: r.ContainerID, IfName: r.IfName}
+	}
+	return out, nil
+}
+
+// SweepTemp implements Store: no temp files.
+func (m *MemStore) SweepTemp(time.Duration) error { return nil }

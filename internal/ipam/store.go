@@ -23,6 +23,8 @@ var (
 	// ErrInvalidRecord is returned by a Store for a record or range ID it
 	// cannot keep.
 	ErrInvalidRecord = errors.New("invalid reservation")
+	// ErrDamaged is a reservation file that does not decode.
+	ErrDamaged = errors.New("damaged reservation file")
 )
 
 // Owner identifies an attachment.
@@ -31,6 +33,7 @@ type Owner struct {
 	IfName       string
 	PodNamespace string
 	PodName      string
+	BootID       string // recorded with each reservation
 }
 
 // Record is one reservation.
@@ -40,6 +43,9 @@ type Record struct {
 	IfName       string     `json:"ifName"`
 	PodNamespace string     `json:"podNamespace"`
 	PodName      string     `json:"podName"`
+	// BootID is the kernel's boot ID when the reservation was made: one of
+	// a previous boot belongs to no live pod.
+	BootID string `json:"bootID,omitempty"`
 }
 
 // Store persists reservations. Callers that mutate hold the lock from Lock;
@@ -62,8 +68,14 @@ type Store interface {
 	// Owned returns the reservations of (containerID, ifName), sorted by IP,
 	// without reading every record: ADD and DEL stay O(1) in the number of pods.
 	Owned(containerID, ifName string) ([]Record, error)
-	// List returns all reservations, sorted by IP.
+	// List returns all reservations, sorted by IP, skipping damaged ones.
 	List() ([]Record, error)
+	// Damaged lists the IPs whose reservation cannot be read.
+	Damaged() ([]netip.Addr, error)
+	// Owners maps every IP an owner index names to that owner.
+	Owners() (map[netip.Addr]Owner, error)
+	// SweepTemp removes temp files older than age (crash leftovers).
+	SweepTemp(age time.Duration) error
 	// Release removes the reservation of a single IP. Nothing found is not an
 	// error.
 	Release(ip netip.Addr) error

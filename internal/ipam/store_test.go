@@ -295,29 +295,65 @@ func TestDiskStoreListIgnoresStrayFiles(t *testing.T) {
 	}
 }
 
-func TestDiskStoreCorruptRecord(t *testing.T) {
+// One damaged file never blocks the node: listing skips it (Damaged names
+// it), its owner's release removes it, a garbled round-robin cursor starts
+// over, free counting treats it as taken, and GC reclaims one no kept
+// attachment owns.
+func TestDiskStoreDamagedFiles(t *testing.T) {
 	dir := t.TempDir()
 	s := NewDiskStore(dir)
+	sets := mustValidate(t, RangeSet{{Subnet: pfx("10.0.0.0/29")}})
+	a := NewAllocator(s, sets)
+	recs, err := a.Allocate(Owner{ContainerID: "live", IfName: "eth0"}, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mine := recs[0].IP
+	// The live owner's record gets garbled; two stray files no index names.
 	for name, content := range map[string]string{
-		"10.0.0.1": "{not json",
-		"10.0.0.2": `{"ip":"10.0.0.3","containerID":"a","ifName":"eth0"}`,
+		mine.String(): "",
+		"10.0.0.4":    "{not json",
+		"10.0.0.5":    `{"ip":"10.0.0.3","containerID":"a","ifName":"eth0"}`, // names another IP
 	} {
-		path := filepath.Join(dir, name)
-		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := s.List(); err == nil || !strings.Contains(err.Error(), path) {
-			t.Errorf("List with %s = %q: err = %v, want an error naming the file", name, content, err)
-		}
-		if err := os.Remove(path); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o600); err != nil {
 			t.Fatal(err)
 		}
 	}
 	if err := os.WriteFile(filepath.Join(dir, "last_reserved_ip.0"), []byte("nope"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.LastReserved("0"); err == nil {
-		t.Error("LastReserved with a corrupt file: no error")
+	if list, err := s.List(); err != nil || len(list) != 0 {
+		t.Errorf("List = %v, %v; want no readable record and no error", list, err)
+	}
+	damaged, err := s.Damaged()
+	if err != nil || len(damaged) != 3 {
+		t.Errorf("Damaged = %v, %v; want the three files", damaged, err)
+	}
+	if last, err := s.LastReserved("0"); err != nil || last.IsValid() {
+		t.Errorf("LastReserved with a garbled file = %v, %v; want a fresh start", last, err)
+	}
+	free, err := a.Free()
+	if err != nil || free[0] != 6-3 {
+		t.Errorf("Free = %v, %v; want 3 (6 usable, 3 damaged taken)", free, err)
+	}
+	// Another ADD still gets an address.
+	if _, err := a.Allocate(Owner{ContainerID: "next", IfName: "eth0"}, time.Second); err != nil {
+		t.Errorf("Allocate with damaged files around: %v", err)
+	}
+	// GC keeps the damaged record a kept owner's index names and reclaims the rest.
+	b := NewBuiltin(s, sets, nil, nil)
+	if err := b.GC(func(cid, _ string) bool { return cid == "live" || cid == "next" }); err != nil {
+		t.Fatalf("GC: %v", err)
+	}
+	if damaged, _ := s.Damaged(); len(damaged) != 1 || damaged[0] != mine {
+		t.Errorf("after GC damaged = %v, want only the live owner's %s", damaged, mine)
+	}
+	// The owner's DEL releases its damaged record.
+	if err := b.Del(Owner{ContainerID: "live", IfName: "eth0"}); err != nil {
+		t.Fatalf("DEL of the owner of a damaged record: %v", err)
+	}
+	if damaged, _ := s.Damaged(); len(damaged) != 0 {
+		t.Errorf("after the owner's DEL damaged = %v, want none", damaged)
 	}
 }
 

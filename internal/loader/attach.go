@@ -113,6 +113,10 @@ func (p *Programs) attachTCX(ifindex int, ifname string) (retErr error) {
 		return fmt.Errorf("create %s: %w", LinkDir(p.root), err)
 	}
 	for _, h := range hooks {
+		pin := linkPin(p.root, ifname, h.dir)
+		if p.pinnedCurrent(pin, ifindex, p.prog(h)) {
+			continue // already attached (a repair of the other hook)
+		}
 		l, err := link.AttachTCX(link.TCXOptions{
 			Interface: ifindex,
 			Program:   p.prog(h),
@@ -122,8 +126,7 @@ func (p *Programs) attachTCX(ifindex int, ifname string) (retErr error) {
 		if err != nil {
 			return fmt.Errorf("attach tcx %s to %s: %w", h.dir, ifname, err)
 		}
-		pin := linkPin(p.root, ifname, h.dir)
-		os.Remove(pin) // a stale pin of a deleted veth with the same name
+		unpinLink(pin) // a stale pin of a deleted veth with the same name
 		err = l.Pin(pin)
 		l.Close() // the pin holds the link from here on
 		if err != nil {

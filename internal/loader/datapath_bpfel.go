@@ -125,6 +125,8 @@ type DatapathTunnelInfo struct {
 	VtepMac [6]uint8
 	Pad     [2]uint8
 	Addr    [16]uint8
+	Ifindex uint32
+	Mtu     uint32
 }
 
 // LoadDatapath returns the embedded CollectionSpec for Datapath.

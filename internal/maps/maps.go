@@ -20,6 +20,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/ebpf-cni/ebpf-cni/internal/killpoint"
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 )
 
@@ -243,13 +244,16 @@ func (m *Maps) PutDevice(ifindex int, d Device) error {
 		v.Flags |= flagIPv6
 		v.Ipv6 = d.IPv6.As16()
 	}
+	// The device entry first: a counters entry without one is never a live
+	// ADD's, so DEL and GC may remove it whatever step a crash stopped at.
 	key := uint32(ifindex)
+	if err := m.d.DevicesV1.Put(&key, &v); err != nil {
+		return fmt.Errorf("put device %d: %w", ifindex, err)
+	}
+	killpoint.At("device-entry")
 	zero := make([]Stats, ebpf.MustPossibleCPU())
 	if err := m.d.EpStatsV2.Put(&key, zero); err != nil {
 		return fmt.Errorf("reset counters of ifindex %d: %w", ifindex, err)
-	}
-	if err := m.d.DevicesV1.Put(&key, &v); err != nil {
-		return fmt.Errorf("put device %d: %w", ifindex, err)
 	}
 	return nil
 }
@@ -296,24 +300,60 @@ func (m *Maps) Devices() (map[int]Device, error) {
 }
 
 // DeleteDevice removes the device entry and the counters of ifindex if the
-// entry is the pod's with podMAC (an ifindex can be reused by a newer pod).
-// A missing entry is success.
+// entry is the pod's with podMAC (an ifindex can be reused by a newer pod),
+// and counters left without a device entry. A missing entry is success.
 func (m *Maps) DeleteDevice(ifindex int, podMAC net.HardwareAddr) error {
 	d, err := m.Device(ifindex)
-	if errors.Is(err, ErrNotFound) {
-		return nil
-	}
-	if err != nil {
+	if err != nil && !errors.Is(err, ErrNotFound) {
 		return err
 	}
-	if !bytes.Equal(d.PodMAC, podMAC) {
+	if err == nil && !bytes.Equal(d.PodMAC, podMAC) {
 		return nil
 	}
 	key := uint32(ifindex)
 	var errs []error
-	for _, mp := range []*ebpf.Map{m.d.DevicesV1, m.d.EpStatsV2} {
+	// The counters first: the device entry is what makes them someone's.
+	for _, mp := range []*ebpf.Map{m.d.EpStatsV2, m.d.DevicesV1} {
 		if err := mp.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			errs = append(errs, fmt.Errorf("delete ifindex %d from %s: %w", ifindex, mp, err))
+		}
+		killpoint.At("counters-deleted")
+	}
+	return errors.Join(errs...)
+}
+
+// SweepStats removes counters entries without a device entry (a crash
+// between the two writes) and node counters of devices keep does not want.
+func (m *Maps) SweepStats(keepNode func(ifindex int) bool) error {
+	var errs []error
+	var k uint32
+	var stale []uint32
+	it := m.d.EpStatsV2.Iterate()
+	var per []Stats
+	for it.Next(&k, &per) {
+		var d loader.DatapathDeviceInfo
+		if err := m.d.DevicesV1.Lookup(&k, &d); errors.Is(err, ebpf.ErrKeyNotExist) {
+			stale = append(stale, k)
+		}
+	}
+	errs = append(errs, it.Err())
+	for _, k := range stale {
+		if err := m.d.EpStatsV2.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	stale = stale[:0]
+	var nper []NodeStats
+	nit := m.d.NodeStatsV1.Iterate()
+	for nit.Next(&k, &nper) {
+		if !keepNode(int(k)) {
+			stale = append(stale, k)
+		}
+	}
+	errs = append(errs, nit.Err())
+	for _, k := range stale {
+		if err := m.d.NodeStatsV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
@@ -416,6 +456,8 @@ func (m *Maps) Cluster() ([]netip.Prefix, error) {
 type Tunnel struct {
 	Node    netip.Addr       // the peer node's underlay address
 	VTEPMAC net.HardwareAddr // the peer's VXLAN device MAC
+	Ifindex int              // this node's VXLAN device (0: from_pod leaves it to the FIB)
+	MTU     int              // that device's MTU
 }
 
 // Tunnels lists tunnel_v1: the other nodes' podCIDRs and their tunnels.
@@ -427,7 +469,7 @@ func (m *Maps) Tunnels() (map[netip.Prefix]Tunnel, error) {
 	)
 	it := m.d.TunnelV1.Iterate()
 	for it.Next(&k, &v) {
-		t := Tunnel{VTEPMAC: net.HardwareAddr(bytes.Clone(v.VtepMac[:]))}
+		t := Tunnel{VTEPMAC: net.HardwareAddr(bytes.Clone(v.VtepMac[:])), Ifindex: int(v.Ifindex), MTU: int(v.Mtu)}
 		if v.Family == loader.DatapathEpFamilyEP_FAMILY_IPV4 {
 			t.Node = netip.AddrFrom4([4]byte(v.Addr[:4]))
 		} else {
@@ -448,7 +490,8 @@ func (m *Maps) PutTunnel(podCIDR netip.Prefix, t Tunnel) error {
 		return err
 	}
 	ek := endpointKey(t.Node)
-	v := loader.DatapathTunnelInfo{Family: loader.DatapathEpFamily(ek.Family), VtepMac: mac, Addr: ek.Addr}
+	v := loader.DatapathTunnelInfo{Family: loader.DatapathEpFamily(ek.Family), VtepMac: mac, Addr: ek.Addr,
+		Ifindex: uint32(t.Ifindex), Mtu: uint32(t.MTU)}
 	k := lpmKey(podCIDR)
 	if err := m.d.TunnelV1.Put(&k, &v); err != nil {
 		return fmt.Errorf("put tunnel %s: %w", podCIDR, err)

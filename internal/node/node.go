@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/ebpf-cni/ebpf-cni/internal/atomicfile"
 )
@@ -60,4 +61,13 @@ func Write(stateDir string, info Info) error {
 		return fmt.Errorf("encode node file: %w", err)
 	}
 	return atomicfile.Write(Path(stateDir), data, 0o644)
+}
+
+// BootID is the kernel's boot ID (a new one at every boot), "" if unknown.
+func BootID() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
 }

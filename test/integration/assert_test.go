@@ -159,7 +159,7 @@ func (p *pod) hostVeth() string {
 // found through the endpoint record that names the netns.
 func (p *pod) containerID() string {
 	p.n.t.Helper()
-	recs, err := endpoint.NewStore(p.n.stateDir, p.n.name).List()
+	recs, _, err := endpoint.NewStore(p.n.stateDir, p.n.name).List()
 	if err != nil {
 		p.n.t.Fatal(err)
 	}

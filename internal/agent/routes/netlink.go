@@ -119,7 +119,7 @@ func (r *Router) Sync(peers []Peer) (added, removed int, err error) {
 				rt.Gw = p.NodeIP.AsSlice()
 			} else {
 				rt.LinkIndex, rt.Scope = dev.Attrs().Index, netlink.SCOPE_LINK
-				tunnels[cidr] = maps.Tunnel{Node: p.NodeIP, VTEPMAC: VTEPMAC(p.NodeIP)}
+				tunnels[cidr] = maps.Tunnel{Node: p.NodeIP, VTEPMAC: VTEPMAC(p.NodeIP), Ifindex: dev.Attrs().Index, MTU: dev.Attrs().MTU}
 			}
 			want[cidr] = rt
 		}
@@ -175,7 +175,7 @@ func (r *Router) syncTunnels(want map[netip.Prefix]maps.Tunnel) error {
 		}
 	}
 	for p, t := range want {
-		if h, ok := have[p]; ok && h.Node == t.Node && bytes.Equal(h.VTEPMAC, t.VTEPMAC) {
+		if h, ok := have[p]; ok && h.Node == t.Node && bytes.Equal(h.VTEPMAC, t.VTEPMAC) && h.Ifindex == t.Ifindex && h.MTU == t.MTU {
 			continue
 		}
 		errs = append(errs, m.PutTunnel(p, t))
