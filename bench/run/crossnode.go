@@ -322,6 +322,13 @@ func runCrossNode(e *env, rep *report) error {
 			return fmt.Errorf("warm-up %s: %w", s.label, err)
 		}
 	}
+	if *hold {
+		// For profiling by hand: the setups stay up until SIGINT.
+		for _, s := range setups {
+			fmt.Printf("bench: hold %-36s client netns %s, server %s in netns %s (rr :7000, iperf3 :5201)\n", s.label, s.a, s.bIP, s.b)
+		}
+		select {}
+	}
 	rep.xsetups = setups
 	rep.xrounds = make([]map[string]metrics, *rounds)
 	for r := 0; r < *rounds; r++ {
@@ -400,9 +407,9 @@ func (r *report) writeCrossNode(w func(string, ...any)) {
 	w("Two emulated nodes per setup (network namespaces joined by a veth underlay, MTU %d, no bridge); one pod on "+
 		"each; every node masquerades traffic leaving the cluster range (so every setup has conntrack and a NAT "+
 		"table). Interleaved in %d rounds, the order rotating; each ratio is the median of per-round ratios to node "+
-		"to node **of the same round**. TCP_RR as above, iperf3 TCP 1 and 4 streams, UDP: 64-byte datagrams, sender "+
+		"to node **of the same round**. TCP_RR as above, iperf3 TCP 1 and 4 streams (%s), UDP: 64-byte datagrams, sender "+
 		"unthrottled, received datagrams/s. Clients on CPU 0, servers on CPU 1. VXLAN setups run pods at MTU %d.\n\n",
-		mtu, len(r.xrounds), mtu-50)
+		mtu, len(r.xrounds), *congestion, mtu-50)
 	w("| setup | TCP_RR trans/s | × node | RR p50 µs | iperf3 1 stream Gbit/s | × node | iperf3 4 streams Gbit/s | × node | UDP 64 B kpps | × node |\n")
 	w("|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, s := range r.xsetups {

@@ -189,7 +189,7 @@ func measureSetup(s *setup) (metrics, error) {
 
 func iperf(s *setup, streams int) (float64, error) {
 	secs := strconv.Itoa(int(measure.Seconds()))
-	out, err := inNS(s.a, "iperf3", "-A", clientCPU, "-c", s.bIP.String(), "-p", "5201", "-t", secs, "-P", strconv.Itoa(streams), "-J").Output()
+	out, err := inNS(s.a, "iperf3", "-A", clientCPU, "-C", *congestion, "-c", s.bIP.String(), "-p", "5201", "-t", secs, "-P", strconv.Itoa(streams), "-J").Output()
 	if err != nil {
 		return 0, fmt.Errorf("iperf3 -P %d: %w: %s", streams, err, out)
 	}

@@ -90,7 +90,7 @@ func (r *report) writeDatapath(w func(string, ...any)) {
 	w("Every setup is two network namespaces; MTU %d everywhere. The setups are measured interleaved in %d rounds "+
 		"(the order rotates each round); each cell is the median over the rounds, and the ratio is the median of the "+
 		"per-round ratios to the bare veth pair **of the same round**. Clients run on CPU 0, servers on CPU 1. TCP_RR: one connection, 1-byte request and "+
-		"response (bench/rr), %s per measurement. iperf3 TCP, %s. Ping: 100 echoes, 10 ms apart.\n\n", mtu, len(r.rounds), *measure, *measure)
+		"response (bench/rr), %s per measurement. iperf3 TCP (%s congestion control), %s. Ping: 100 echoes, 10 ms apart.\n\n", mtu, len(r.rounds), *measure, *congestion, *measure)
 	w("| setup | TCP_RR trans/s | × veth | RR p50 µs | RR p99 µs | iperf3 1 stream Gbit/s | × veth | iperf3 4 streams Gbit/s | × veth | ping RTT ms | × veth |\n")
 	w("|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, s := range r.setups {
