@@ -27,7 +27,11 @@ func repair(verb string, argv []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	err = progs.Upgrade()
 	progs.Close()
+	if err != nil {
+		return err
+	}
 	n, err := endpoint.Restore(*stateDir, *pinRoot)
 	if err != nil {
 		return err

@@ -2,7 +2,7 @@
 // node and attaches it to host veths.
 //
 // Pins under the pin root (default /sys/fs/bpf/ebpf-cni) outlive every plugin
-// process:
+// process (upgrade.go: how a new build takes over from an older one):
 //
 //	<root>/endpoints_v1, devices_v1, ep_stats_v1  maps, pinned by name
 //	<root>/progs/<tag>/from_pod, to_pod          programs of one object build
@@ -156,32 +156,73 @@ func create(root string) (*Programs, error) {
 	if err != nil {
 		return nil, fmt.Errorf("parse embedded datapath: %w", err)
 	}
+	if err := checkNewer(root, spec); err != nil {
+		return nil, err
+	}
 	var objs DatapathObjects
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: root}}
 	if err := spec.LoadAndAssign(&objs, opts); err != nil {
 		if errors.Is(err, ebpf.ErrMapIncompatible) {
-			return nil, fmt.Errorf("%w: %w (remove the old pin or upgrade every node)", ErrIncompatible, err)
+			return nil, fmt.Errorf("%w: %w (a map changed its layout without a new name: a build error)", ErrIncompatible, err)
 		}
 		return nil, fmt.Errorf("load datapath: %w", err)
 	}
 	objs.DatapathMaps.Close() // pinned by name; internal/maps reopens them
+	p := &Programs{DatapathPrograms: objs.DatapathPrograms, root: root}
+	// Move the node onto this build before its programs are pinned: if
+	// that fails, the next call finds no pinned programs and tries again.
+	if err := p.upgrade(spec); err != nil {
+		p.Close()
+		return nil, fmt.Errorf("upgrade the node to datapath %s: %w", Tag(), err)
+	}
 	dir := progDir(root)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		objs.DatapathPrograms.Close()
+		p.Close()
 		return nil, fmt.Errorf("create %s: %w", dir, err)
 	}
-	err = programFields(&objs.DatapathPrograms, func(name string, field **ebpf.Program) error {
+	err = programFields(&p.DatapathPrograms, func(name string, field **ebpf.Program) error {
 		if err := (*field).Pin(filepath.Join(dir, name)); err != nil {
 			return fmt.Errorf("pin program %s: %w", name, err)
 		}
 		return nil
 	})
 	if err != nil {
-		objs.DatapathPrograms.Close()
+		p.Close()
 		os.RemoveAll(dir)
 		return nil, err
 	}
-	return &Programs{DatapathPrograms: objs.DatapathPrograms, root: root}, nil
+	return p, removeOldPrograms(root)
+}
+
+// upgrade copies older map versions into this build's maps, moves every
+// attachment onto p's programs, copies again what the older programs
+// wrote meanwhile, and unpins the older maps (see upgrade.go).
+func (p *Programs) upgrade(spec *ebpf.CollectionSpec) error {
+	if err := migrate(p.root, spec, false); err != nil {
+		return err
+	}
+	if _, err := p.takeOver(); err != nil {
+		return err
+	}
+	return migrate(p.root, spec, true)
+}
+
+// Upgrade runs the takeover again for an already loaded build (ebpf-cni
+// upgrade): attachments an older build made since, and its maps, move over.
+func (p *Programs) Upgrade() error {
+	spec, err := LoadDatapath()
+	if err != nil {
+		return err
+	}
+	unlock, err := flock.Acquire(p.root, flock.DefaultWait)
+	if err != nil {
+		return fmt.Errorf("lock pin root: %w", err)
+	}
+	defer unlock()
+	if err := p.upgrade(spec); err != nil {
+		return err
+	}
+	return removeOldPrograms(p.root)
 }
 
 // LoadUnpinned loads the datapath with private, unpinned maps: for tests
