@@ -71,6 +71,33 @@ enum drop_reason {
 #define TCP_FLAG_ACK 0x10
 #define TUNNEL_VNI 0xeb
 #define TUNNEL_TTL 64
+#define ARPOP_REQUEST 1
+#define ARPOP_REPLY 2
+#define IPPROTO_ICMPV6_ 58
+#define ND_NEIGHBOR_SOLICIT 135
+#define ND_NEIGHBOR_ADVERT 136
+#define ND_OPT_SOURCE_LL 1
+#define ND_OPT_TARGET_LL 2
+
+/* The gateways every pod routes through (internal/veth): 169.254.1.1 and
+ * fe80::1. from_pod answers ARP and neighbour solicitations for them, so a
+ * pod that lost its permanent neighbour entries (a MAC change flushes them)
+ * still reaches its gateway, with nothing on the host answering. */
+#define GATEWAY_V4 bpf_htonl(0xa9fe0101)
+static const __u8 gateway_v6[16] = {0xfe, 0x80, [15] = 1};
+
+/* An ICMPv6 neighbour solicitation or advertisement with one link-layer
+ * address option, as Linux sends them. */
+struct nd_msg_ll {
+	__u8 type;
+	__u8 code;
+	__sum16 csum;
+	__be32 flags; /* NA: router, solicited, override */
+	__u8 target[16];
+	__u8 opt_type;
+	__u8 opt_len; /* in 8-byte units: 1 */
+	__u8 opt_mac[ETH_ALEN];
+};
 
 static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
 {
@@ -513,6 +540,106 @@ static __always_inline int route_pod(struct __sk_buff *skb, __be16 proto, void *
 	return rc;
 }
 
+/* Answers the pod's ARP request for its IPv4 gateway: the frame becomes the
+ * reply (host veth MAC for 169.254.1.1) and goes back out to the pod. */
+static __always_inline int arp_reply(struct __sk_buff *skb, const struct device_info *dev)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct arp_eth_ipv4 *arp = (void *)(eth + 1);
+	__u32 gw = GATEWAY_V4;
+
+	if ((void *)(arp + 1) > data_end)
+		return TC_ACT_SHOT;
+	mac_copy(eth->h_dest, dev->pod_mac);
+	mac_copy(eth->h_source, dev->host_mac);
+	arp->op = bpf_htons(ARPOP_REPLY);
+	mac_copy(arp->tha, dev->pod_mac);
+	__builtin_memcpy(arp->tip, arp->sip, 4);
+	mac_copy(arp->sha, dev->host_mac);
+	__builtin_memcpy(arp->sip, &gw, 4);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* The ICMPv6 checksum of an ND message of sizeof(struct nd_msg_ll) bytes. */
+static __always_inline __sum16 nd_csum(const struct ipv6hdr *ip6, const struct nd_msg_ll *nd)
+{
+	struct {
+		__u8 saddr[16];
+		__u8 daddr[16];
+		__be32 len;
+		__be32 next;
+		struct nd_msg_ll msg;
+	} pseudo = {};
+	__u32 sum;
+
+	__builtin_memcpy(pseudo.saddr, ip6->saddr.in6_u.u6_addr8, 16);
+	__builtin_memcpy(pseudo.daddr, ip6->daddr.in6_u.u6_addr8, 16);
+	pseudo.len = bpf_htonl(sizeof(*nd));
+	pseudo.next = bpf_htonl(IPPROTO_ICMPV6_);
+	__builtin_memcpy(&pseudo.msg, nd, sizeof(*nd));
+	pseudo.msg.csum = 0;
+	sum = bpf_csum_diff(NULL, 0, (__be32 *)&pseudo, sizeof(pseudo), 0);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__sum16)~sum;
+}
+
+/*
+ * Neighbour discovery from the pod: a solicitation for fe80::1 is answered
+ * with an advertisement of the host veth's MAC (the frame turned around); an
+ * advertisement claiming an address that is not the pod's (nor link-local)
+ * is dropped, so no pod can make the host send another pod's traffic its
+ * way. Everything else continues (TC_ACT_UNSPEC).
+ */
+static __always_inline int neighbour_discovery(struct __sk_buff *skb, struct ipv6hdr *ip6,
+					       const struct device_info *dev, struct endpoint_stats *st)
+{
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = (void *)(long)skb->data;
+	struct nd_msg_ll *nd = (void *)(ip6 + 1);
+
+	if ((void *)(eth + 1) > data_end || (void *)(&nd->flags) > data_end)
+		return TC_ACT_UNSPEC;
+	if (nd->type == ND_NEIGHBOR_ADVERT) {
+		if ((void *)(nd->target + 16) > data_end)
+			return drop(st, DROP_MALFORMED);
+		if (ipv6_link_scope((struct in6_addr *)nd->target))
+			return TC_ACT_UNSPEC;
+		if (!(dev->flags & EP_FLAG_IPV6) || !ipv6_equal((struct in6_addr *)nd->target, dev->ipv6))
+			return drop(st, DROP_SPOOFED_IP);
+		return TC_ACT_UNSPEC;
+	}
+	if (nd->type != ND_NEIGHBOR_SOLICIT || (void *)(nd + 1) > data_end)
+		return TC_ACT_UNSPEC;
+	if (ip6->payload_len != bpf_htons(sizeof(*nd)) || nd->opt_type != ND_OPT_SOURCE_LL || nd->opt_len != 1 ||
+	    !ipv6_equal((struct in6_addr *)nd->target, gateway_v6))
+		return TC_ACT_UNSPEC;
+	{
+		const __u32 *w = (const __u32 *)ip6->saddr.in6_u.u6_addr8;
+		int own = (dev->flags & EP_FLAG_IPV6) && ipv6_equal(&ip6->saddr, dev->ipv6);
+
+		if (w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == 0)
+			return TC_ACT_UNSPEC; /* duplicate address detection of fe80::1: not ours to answer */
+		if (!own && !ipv6_link_scope(&ip6->saddr))
+			return drop(st, DROP_SPOOFED_IP);
+	}
+	/* The solicitation becomes the advertisement, in place (same size). */
+	mac_copy(eth->h_dest, dev->pod_mac);
+	mac_copy(eth->h_source, dev->host_mac);
+	__builtin_memcpy(ip6->daddr.in6_u.u6_addr8, ip6->saddr.in6_u.u6_addr8, 16);
+	__builtin_memcpy(ip6->saddr.in6_u.u6_addr8, gateway_v6, 16);
+	ip6->hop_limit = 255;
+	nd->type = ND_NEIGHBOR_ADVERT;
+	nd->code = 0;
+	nd->flags = bpf_htonl(0xe0000000); /* router, solicited, override */
+	nd->opt_type = ND_OPT_TARGET_LL;
+	mac_copy(nd->opt_mac, dev->host_mac);
+	nd->csum = nd_csum(ip6, nd);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 SEC("tc")
 int from_pod(struct __sk_buff *skb)
 {
@@ -556,6 +683,12 @@ int from_pod(struct __sk_buff *skb)
 
 		if ((void *)(ip6 + 1) > data_end)
 			return drop(st, DROP_MALFORMED);
+		if (ip6->nexthdr == IPPROTO_ICMPV6_) {
+			int rc = neighbour_discovery(skb, ip6, dev, st);
+
+			if (rc != TC_ACT_UNSPEC)
+				return rc;
+		}
 		if (ipv6_link_scope(&ip6->saddr))
 			return TC_ACT_UNSPEC;
 		if (!(dev->flags & EP_FLAG_IPV6) || !ipv6_equal(&ip6->saddr, dev->ipv6))
@@ -575,6 +708,13 @@ int from_pod(struct __sk_buff *skb)
 		/* sip 0.0.0.0 is an address conflict probe (RFC 5227). */
 		if (sip != 0 && (!(dev->flags & EP_FLAG_IPV4) || sip != want))
 			return drop(st, DROP_SPOOFED_IP);
+		if (body->op == bpf_htons(ARPOP_REQUEST) && sip != 0) {
+			__u32 tip;
+
+			__builtin_memcpy(&tip, body->tip, 4);
+			if (tip == GATEWAY_V4)
+				return arp_reply(skb, dev);
+		}
 		return TC_ACT_UNSPEC;
 	}
 	}
