@@ -190,11 +190,23 @@ func (s Store) lockPath(containerID, ifname string) string {
 	return filepath.Join(s.dir, "locks", containerID+":"+ifname+".lock")
 }
 
-// SweepTemp removes temp files of atomic writes older than age (left by a
-// process killed while writing).
+// SweepTemp removes the temp files of atomic writes a killed process left:
+// in the records' directory all of them (they are written under the
+// network lock, which SweepTemp takes), elsewhere those older than age.
 func (s Store) SweepTemp(age time.Duration) error {
 	var errs []error
-	for _, dir := range []string{s.dir, s.endpointsDir()} {
+	if unlock, err := s.Lock(); err == nil {
+		matches, _ := filepath.Glob(filepath.Join(s.endpointsDir(), ".tmp-*"))
+		for _, m := range matches {
+			if err := os.Remove(m); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
+		unlock()
+	} else {
+		errs = append(errs, err)
+	}
+	for _, dir := range []string{s.dir, filepath.Dir(s.dir)} {
 		matches, _ := filepath.Glob(filepath.Join(dir, ".tmp-*"))
 		for _, m := range matches {
 			if fi, err := os.Stat(m); err == nil && time.Since(fi.ModTime()) >= age {

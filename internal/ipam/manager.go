@@ -9,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"time"
 
 	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/types"
@@ -181,8 +180,7 @@ func (b *Builtin) Leftovers(keep func(containerID, ifName string) bool) ([]Owner
 
 // GC implements Manager. Each record is released on its own, so one whose
 // owner index was lost goes too; a damaged record goes unless an owner
-// index of a kept attachment names it; crash leftovers (temp files) older
-// than a minute go.
+// index of a kept attachment names it; crash leftovers (temp files) go.
 func (b *Builtin) GC(keep func(containerID, ifName string) bool) error {
 	recs, err := b.alloc.Records()
 	if err != nil {
@@ -204,7 +202,14 @@ func (b *Builtin) GC(keep func(containerID, ifName string) bool) error {
 		}
 		errs = append(errs, b.alloc.ReleaseIP(ip, flock.DefaultWait))
 	}
-	errs = append(errs, b.store.SweepTemp(time.Minute))
+	// Temp files are written under the store lock: holding it, none is in
+	// flight, so every one left is a killed call's.
+	if unlock, err := b.store.Lock(flock.DefaultWait); err == nil {
+		errs = append(errs, b.store.SweepTemp(0))
+		unlock()
+	} else {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 

@@ -170,7 +170,7 @@ func only(t *testing.T, glob string) string {
 }
 
 // callWith is call with another plugin binary.
-func (n *node) callWith(bin, verb, containerID string, p *pod, stdin []byte) ([]byte, error) {
+func (n *node) callWith(bin, verb, containerID string, p *pod, stdin []byte, extraEnv ...string) ([]byte, error) {
 	saved := binDir
 	dir := n.t.TempDir()
 	if err := os.Symlink(bin, filepath.Join(dir, "ebpf-cni")); err != nil {
@@ -178,7 +178,7 @@ func (n *node) callWith(bin, verb, containerID string, p *pod, stdin []byte) ([]
 	}
 	binDir = dir
 	defer func() { binDir = saved }()
-	return n.call(verb, containerID, p, stdin)
+	return n.call(verb, containerID, p, stdin, extraEnv...)
 }
 
 func inspectWith(t *testing.T, bin string, n *node) inspected {
