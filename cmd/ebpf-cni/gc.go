@@ -29,7 +29,8 @@ func cmdGC(_ *skel.CmdArgs, conf *config.NetConf) (types.Result, error) {
 	errs = append(errs, n.SweepPreviousBoot(node.BootID()))
 	recs, damaged, err := store.List()
 	errs = append(errs, err)
-	done := map[[2]string]bool{}
+	done := map[[2]string]bool{} // judged
+	torn := map[[2]string]bool{} // torn down
 	remove := func(cid, ifname string) {
 		k := [2]string{cid, ifname}
 		if conf.Valid(cid, ifname) || done[k] {
@@ -50,6 +51,7 @@ func cmdGC(_ *skel.CmdArgs, conf *config.NetConf) (types.Result, error) {
 			lk.Release()
 			return
 		}
+		torn[k] = true
 		lk.ReleaseAndRemove()
 	}
 	for _, r := range recs {
@@ -63,8 +65,11 @@ func cmdGC(_ *skel.CmdArgs, conf *config.NetConf) (types.Result, error) {
 	for _, o := range left {
 		remove(o.ContainerID, o.IfName)
 	}
+	// Release only what this GC tore down (and records no index owns):
+	// an attachment whose ADD completed after the listing above is not
+	// this GC's to judge; the next one sees it.
 	errs = append(errs, conf.Addresses.GC(func(cid, ifname string) bool {
-		return conf.Valid(cid, ifname) || !done[[2]string{cid, ifname}] && busy(store, cid, ifname)
+		return !torn[[2]string{cid, ifname}]
 	}))
 	errs = append(errs, store.SweepTemp(time.Minute))
 	errs = append(errs, endpoint.SweepOrphans(conf.PinRoot))
@@ -75,16 +80,6 @@ func cmdGC(_ *skel.CmdArgs, conf *config.NetConf) (types.Result, error) {
 	return nil, nil
 }
 
-// busy reports whether an ADD or DEL of the attachment runs now (its
-// addresses are not GC's to release).
-func busy(store endpoint.Store, cid, ifname string) bool {
-	lk, err := store.TryLockAttachment(cid, ifname)
-	if err != nil {
-		return errors.Is(err, flock.ErrBusy)
-	}
-	lk.Release()
-	return false
-}
 
 // network is the config's network as the endpoint model sees it.
 func network(conf *config.NetConf) endpoint.Net {

@@ -443,3 +443,15 @@ func unmountUnder(dir string) {
 		exec.Command("umount", "-l", mounts[i]).Run()
 	}
 }
+
+// waitFor polls ok until it holds or timeout passes.
+func waitFor(t *testing.T, what string, timeout time.Duration, ok func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !ok() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}

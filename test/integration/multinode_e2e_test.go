@@ -221,16 +221,6 @@ func (n *mnNode) routes() string {
 	return string(out)
 }
 
-func waitFor(t *testing.T, what string, timeout time.Duration, ok func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !ok() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-}
 
 func TestMultiNode(t *testing.T) {
 	for _, mode := range []string{"native", "vxlan"} {
