@@ -221,7 +221,6 @@ func (n *mnNode) routes() string {
 	return string(out)
 }
 
-
 func TestMultiNode(t *testing.T) {
 	for _, mode := range []string{"native", "vxlan"} {
 		t.Run(mode, func(t *testing.T) { multiNode(t, mode) })
