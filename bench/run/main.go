@@ -21,18 +21,20 @@ import (
 )
 
 var (
-	plugin     = flag.String("plugin", "bin/ebpf-cni", "ebpf-cni binary")
-	rrBin      = flag.String("rr", "bin/rr", "TCP_RR benchmark binary")
-	out        = flag.String("out", "BENCHMARKS.md", "report to write")
-	notes      = flag.String("notes", "bench/NOTES.md", "hand-written findings appended to the report")
-	rounds     = flag.Int("rounds", 5, "datapath rounds")
-	measure    = flag.Duration("d", 3*time.Second, "duration of each throughput/RR measurement")
-	samples    = flag.Int("samples", 20, "ADD/DEL samples per churn level")
-	levels     = flag.String("levels", "0,200,1000", "pods already on the node for the churn measurements")
-	only       = flag.String("sections", "startup,datapath,crossnode,churn", "sections to run, comma-separated (the report holds those run)")
-	xnOnly     = flag.String("crossnode", "n2n,native,vxlan,ptp,kvxlan", "cross-node setups to run (n2n is required)")
-	congestion = flag.String("cc", "cubic", "TCP congestion control of the iperf3 streams (BBR's pacing holds sub-100 µs paths below what they carry: compare setups with the Linux default)")
-	hold       = flag.Bool("hold", false, "cross-node: set up, print the namespaces and wait for SIGINT instead of measuring (profiling by hand)")
+	plugin       = flag.String("plugin", "bin/ebpf-cni", "ebpf-cni binary")
+	rrBin        = flag.String("rr", "bin/rr", "TCP_RR benchmark binary")
+	out          = flag.String("out", "BENCHMARKS.md", "report to write")
+	notes        = flag.String("notes", "bench/NOTES.md", "hand-written findings appended to the report")
+	rounds       = flag.Int("rounds", 5, "datapath rounds")
+	measure      = flag.Duration("d", 3*time.Second, "duration of each throughput/RR measurement")
+	samples      = flag.Int("samples", 20, "ADD/DEL samples per churn level")
+	levels       = flag.String("levels", "0,200,1000", "pods already on the node for the churn measurements")
+	only         = flag.String("sections", "startup,datapath,crossnode,churn,soak", "sections to run, comma-separated (the report holds those run)")
+	soakCycles   = flag.Int("soak-cycles", 1000, "soak: ADD/DEL cycles")
+	soakParallel = flag.Int("soak-parallel", 50, "soak: cycles at once")
+	xnOnly       = flag.String("crossnode", "n2n,native,vxlan,ptp,kvxlan", "cross-node setups to run (n2n is required)")
+	congestion   = flag.String("cc", "cubic", "TCP congestion control of the iperf3 streams (BBR's pacing holds sub-100 µs paths below what they carry: compare setups with the Linux default)")
+	hold         = flag.Bool("hold", false, "cross-node: set up, print the namespaces and wait for SIGINT instead of measuring (profiling by hand)")
 )
 
 func main() {
@@ -70,6 +72,7 @@ func main() {
 		{"datapath", func() error { return runDatapath(env, rep) }},
 		{"crossnode", func() error { return runCrossNode(env, rep) }},
 		{"churn", func() error { return runChurn(env, rep) }},
+		{"soak", func() error { return runSoak(env, rep) }},
 	}
 	want := map[string]bool{}
 	for _, s := range strings.Split(*only, ",") {

@@ -21,6 +21,7 @@ type report struct {
 	startup           []*startupResult
 	xsetups           []*xsetup
 	xrounds           []map[string]metrics
+	soak              *soakResult
 }
 
 func median(v []float64) float64 {
@@ -76,6 +77,7 @@ func (r *report) write(path, notesPath string) error {
 	r.writeDatapath(w)
 	r.writeCrossNode(w)
 	r.writeChurn(w)
+	r.writeSoak(w)
 	if notes, err := os.ReadFile(notesPath); err == nil {
 		w("\n%s", notes)
 	}
