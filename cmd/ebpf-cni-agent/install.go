@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 
@@ -15,7 +16,9 @@ import (
 // install is the DaemonSet's init step: it copies the plugin into the CNI
 // bin dir and writes the conflist inside the conf dir, each through a temp
 // file renamed into place (a runtime never sees half a file, and the
-// conflist is written in place: containerd missed files moved in).
+// conflist is written in place: containerd missed files moved in), then
+// runs the installed plugin's `upgrade`, so a new build reaches the pods
+// already running (their attachments move onto its programs in place).
 func install(args []string) error {
 	fs := flag.NewFlagSet("install", flag.ContinueOnError)
 	src := fs.String("plugin", "/usr/local/bin/ebpf-cni", "plugin binary to install")
@@ -24,6 +27,9 @@ func install(args []string) error {
 	name := fs.String("network", "ebpf-cni", "network name")
 	version := fs.String("cni-version", "1.0.0", "conflist cniVersion (containerd 1.6 refuses 1.1.0)")
 	cluster := fs.String("cluster-cidrs", "10.244.0.0/16", "comma-separated pod ranges of the cluster (never masqueraded)")
+	upgrade := fs.Bool("upgrade", true, "run the installed plugin's upgrade (moves running pods onto the new build)")
+	pinRoot := fs.String("pin-root", config.DefaultPinRoot, "the plugin's pin root (for -upgrade)")
+	stateDir := fs.String("state-dir", config.DefaultStateDir, "the plugin's state directory (for -upgrade)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -55,6 +61,14 @@ func install(args []string) error {
 		return err
 	}
 	fmt.Printf("installed %s and %s\n", filepath.Join(*binDir, "ebpf-cni"), filepath.Join(*confDir, "10-ebpf-cni.conflist"))
+	if !*upgrade {
+		return nil
+	}
+	cmd := exec.Command(filepath.Join(*binDir, "ebpf-cni"), "upgrade", "-pin-root", *pinRoot, "-state-dir", *stateDir)
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("ebpf-cni upgrade: %w", err)
+	}
 	return nil
 }
 

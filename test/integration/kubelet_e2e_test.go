@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -60,6 +61,7 @@ func TestKubeletCluster(t *testing.T) {
 		}
 	}
 	t.Cleanup(func() { os.RemoveAll("/sys/fs/bpf/ebpf-cni"); os.RemoveAll("/var/lib/ebpf-cni") })
+	sharedBPFFS(t)
 	ds := &node{t: t, name: "ebpf-cni", pinRoot: "/sys/fs/bpf/ebpf-cni", stateDir: "/var/lib/ebpf-cni", ipamDir: "/var/lib/ebpf-cni/ipam"}
 
 	// containerd with an empty conf dir: the DaemonSet fills it.
@@ -242,4 +244,20 @@ evictionHard: {}
 	for ip, e := range eps {
 		ds.assertGone(veth.HostName(e.ContainerID, "eth0"), e.ContainerID, []netip.Addr{ip})
 	}
+}
+
+// sharedBPFFS prepares the node as systemd does at boot: bpffs mounted at
+// /sys/fs/bpf as a shared mount, which the DaemonSet's mount propagation
+// needs (this machine has no systemd: its mounts are private).
+func sharedBPFFS(t *testing.T) {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs("/sys/fs/bpf", &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Type != unix.BPF_FS_MAGIC {
+		run(t, "mount", "-t", "bpf", "bpffs", "/sys/fs/bpf")
+		t.Cleanup(func() { exec.Command("umount", "/sys/fs/bpf").Run() })
+	}
+	run(t, "mount", "--make-shared", "/sys/fs/bpf")
 }
