@@ -80,7 +80,6 @@ func cmdGC(_ *skel.CmdArgs, conf *config.NetConf) (types.Result, error) {
 	return nil, nil
 }
 
-
 // network is the config's network as the endpoint model sees it.
 func network(conf *config.NetConf) endpoint.Net {
 	return endpoint.Net{Name: conf.Name, StateDir: conf.StateDir, PinRoot: conf.PinRoot, IPAM: conf.Addresses}
