@@ -105,6 +105,12 @@ func inspect(argv []string, stdout, stderr io.Writer) error {
 	for _, t := range rep.Tunnels {
 		fmt.Fprintf(stdout, "tunnel %s -> node %s (VTEP %s)\n", t.PodCIDR, t.Node, t.VTEPMAC)
 	}
+	if len(rep.Problems) > 0 {
+		fmt.Fprintln(stdout)
+	}
+	for _, p := range rep.Problems {
+		fmt.Fprintln(stdout, "PROBLEM:", p)
+	}
 	return nil
 }
 

@@ -2,6 +2,7 @@ package endpoint
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -43,6 +44,10 @@ type Report struct {
 	Cluster []netip.Prefix `json:"cluster"`
 	// Tunnels are the other nodes' podCIDRs in VXLAN mode.
 	Tunnels []TunnelView `json:"tunnels"`
+	// Problems are what needs a person or a repair: pods whose datapath
+	// is gone (STATUS answers 51), records and reservations that do not
+	// decode (skipped everywhere; GC reclaims them).
+	Problems []string `json:"problems"`
 }
 
 // DeviceView is one hook of a node device.
@@ -63,6 +68,7 @@ type TunnelView struct {
 // reads only; a node without a datapath yet has an empty report.
 func Collect(pinRoot, stateDir, ipamDir string) (Report, error) {
 	rep := Report{Endpoints: []View{}, Devices: []DeviceView{}, Cluster: []netip.Prefix{}, Tunnels: []TunnelView{}}
+	rep.Problems = problems(pinRoot, stateDir, ipamDir)
 	m, err := maps.Open(pinRoot)
 	if errors.Is(err, loader.ErrNotLoaded) {
 		return rep, nil
@@ -155,4 +161,33 @@ func endpointViews(m *maps.Maps, pinRoot, stateDir, ipamDir string) ([]View, err
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].IP.Less(out[j].IP) })
 	return out, nil
+}
+
+// problems lists what Check finds missing and every file that does not
+// decode, reading only.
+func problems(pinRoot, stateDir, ipamDir string) []string {
+	out := []string{}
+	h, err := Check(stateDir, pinRoot)
+	if err != nil {
+		out = append(out, fmt.Sprintf("endpoint records: %v", err))
+	}
+	for _, m := range h.Missing {
+		out = append(out, "datapath missing: "+m)
+	}
+	for _, n := range Networks(stateDir) {
+		s := NewStore(stateDir, n)
+		_, damaged, _ := s.List()
+		for _, a := range damaged {
+			out = append(out, "damaged endpoint record: "+s.Path(a.ContainerID, a.IfName))
+		}
+	}
+	dirs, _ := os.ReadDir(ipamDir)
+	for _, d := range dirs {
+		dir := filepath.Join(ipamDir, d.Name())
+		ips, _ := ipam.NewDiskStore(dir).Damaged()
+		for _, ip := range ips {
+			out = append(out, "damaged reservation: "+filepath.Join(dir, ip.String()))
+		}
+	}
+	return out
 }

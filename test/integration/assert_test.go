@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
@@ -26,6 +27,17 @@ func (n *node) inspect() map[netip.Addr]endpoint.View {
 		m[v.IP] = v
 	}
 	return m
+}
+
+// problems is the problems list of `ebpf-cni inspect --json`, one string.
+func (n *node) problems() string {
+	n.t.Helper()
+	out, err := exec.Command(filepath.Join(binDir, "ebpf-cni"), "inspect", "--json",
+		"--pin-root", n.pinRoot, "--state-dir", n.stateDir, "--ipam-dir", n.ipamDir).Output()
+	if err != nil {
+		n.t.Fatalf("ebpf-cni inspect: %v: %s", err, out)
+	}
+	return strings.Join(decodeInspect(n.t, out).Problems, "\n")
 }
 
 // inspected is `ebpf-cni inspect --json`.

@@ -92,6 +92,9 @@ func TestPinsLostAreRepaired(t *testing.T) {
 	if code != 51 || !strings.Contains(msg, "lost their datapath") {
 		t.Errorf("STATUS with the pins gone = %d %q, want 51 naming the impaired pods", code, msg)
 	}
+	if p := n.problems(); !strings.Contains(p, "datapath missing: "+a.hostVeth()) || !strings.Contains(p, b.hostVeth()) {
+		t.Errorf("inspect does not report the impaired pods: %q", p)
+	}
 
 	agent := exec.Command(filepath.Join(binDir, "ebpf-cni-agent"), "-controllers", "datapath", "-state-dir", n.stateDir,
 		"-pin-root", n.pinRoot, "-repair-interval", "1s", "-metrics-addr", "")
@@ -115,6 +118,9 @@ func TestPinsLostAreRepaired(t *testing.T) {
 	}
 	if r := n.inspect()[a.ip(false)].Counters.RedirectPackets; r == 0 {
 		t.Errorf("same-node traffic not redirected after the repair")
+	}
+	if p := n.problems(); p != "" {
+		t.Errorf("inspect still reports problems after the repair: %q", p)
 	}
 	// `ebpf-cni repair` does the same by hand, and is a no-op now.
 	if out, err := exec.Command(filepath.Join(binDir, "ebpf-cni"), "repair", "--pin-root", n.pinRoot, "--state-dir", n.stateDir).CombinedOutput(); err != nil ||
@@ -143,6 +149,10 @@ func TestDamagedFiles(t *testing.T) {
 
 	if code, msg := n.statusCode(t); code != 0 {
 		t.Errorf("STATUS with damaged files = %d %s, want ready", code, msg)
+	}
+	if p := n.problems(); !strings.Contains(p, "damaged reservation: "+filepath.Join(ipamDir, a.ip(false).String())) ||
+		!strings.Contains(p, "damaged endpoint record: "+endpoint.NewStore(n.stateDir, n.name).Path(bID, "eth0")) {
+		t.Errorf("inspect does not report the damaged files: %q", p)
 	}
 	d := n.newNS()
 	n.add(d) // a garbled cursor does not stop ADD
