@@ -160,8 +160,14 @@ func TestNames(t *testing.T) {
 			t.Errorf("no map %s in the object", m)
 		}
 	}
-	if got := MapNames(); len(got) != len(spec.Maps) {
-		t.Errorf("MapNames() = %v, the object has %d maps", got, len(spec.Maps))
+	named := 0 // clang's constant sections (.rodata.cst16) are not pinned
+	for name := range spec.Maps {
+		if !strings.HasPrefix(name, ".") {
+			named++
+		}
+	}
+	if got := MapNames(); len(got) != named {
+		t.Errorf("MapNames() = %v, the object has %d named maps", got, named)
 	}
 	for _, p := range []string{ProgFromPod, ProgToPod, ProgFromNode, ProgToOverlay} {
 		if _, ok := spec.Programs[p]; !ok {
