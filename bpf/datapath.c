@@ -39,6 +39,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "datapath.h"
+#include "lb.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -155,7 +156,8 @@ static __always_inline int drop(struct endpoint_stats *st, enum drop_reason why)
 /* What parse_flow found besides the flow key. */
 struct parsed {
 	__u8 tcp_flags;
-	__u8 fragment; /* an IP fragment: ports unknown or unreliable */
+	__u8 fragment;   /* an IP fragment: ports unknown or unreliable */
+	__u8 icmp_error; /* an ICMP(v6) error: it belongs to the flow it quotes */
 	__u8 ttl;      /* TTL or hop limit */
 	__u8 tos;
 	__u16 l3_len;  /* IPv4 total length, IPv6 payload length + 40 */
@@ -165,6 +167,19 @@ struct parsed {
  * other protocols keep ports 0). */
 static __always_inline void l4_ports(struct flow_key *fk, struct parsed *p, void *l4, void *data_end)
 {
+	if (fk->proto == IPPROTO_ICMP || fk->proto == IPPROTO_ICMPV6_) {
+		__u8 *type = l4;
+
+		if ((void *)(type + 1) > data_end)
+			return;
+		/* unreachable, source quench, redirect, time exceeded,
+		 * parameter problem; ICMPv6: types below 128 */
+		if (fk->proto == IPPROTO_ICMP)
+			p->icmp_error = *type == 3 || *type == 4 || *type == 5 || *type == 11 || *type == 12;
+		else
+			p->icmp_error = *type < 128;
+		return;
+	}
 	if (fk->proto == IPPROTO_TCP) {
 		struct tcphdr *th = l4;
 
@@ -265,6 +280,41 @@ static __always_inline void guard_key_of(struct guard_key *g, __u8 family, const
 }
 
 /*
+ * The guard key of the packet an ICMP error quotes (its source end: the
+ * local pod's address and port). -1 when the quote is cut short.
+ */
+static __always_inline int quoted_guard(struct __sk_buff *skb, struct guard_key *g, __be16 proto)
+{
+	__u32 off = sizeof(struct ethhdr);
+	__be16 sport;
+
+	if (proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr in;
+		__u8 vihl;
+
+		if (bpf_skb_load_bytes(skb, off, &vihl, 1) < 0)
+			return -1;
+		off += (vihl & 0xf) * 4 + 8; /* the ICMP header */
+		if (bpf_skb_load_bytes(skb, off, &in, sizeof(in)) < 0)
+			return -1;
+		if (bpf_skb_load_bytes(skb, off + (in.ihl & 0xf) * 4, &sport, 2) < 0)
+			return -1;
+		guard_key_of(g, EP_FAMILY_IPV4, (__u8 *)&in.saddr, sport, in.protocol);
+		return 0;
+	}
+	{
+		struct ipv6hdr in;
+
+		off += sizeof(struct ipv6hdr) + 8;
+		if (bpf_skb_load_bytes(skb, off, &in, sizeof(in)) < 0 ||
+		    bpf_skb_load_bytes(skb, off + sizeof(in), &sport, 2) < 0)
+			return -1;
+		guard_key_of(g, EP_FAMILY_IPV6, in.saddr.in6_u.u6_addr8, sport, in.nexthdr);
+		return 0;
+	}
+}
+
+/*
  * Decrements the TTL (hop limit) of the IP header at l3off, as a router does.
  * The packet must have been checked to carry more than 1. IPv4 updates the
  * header checksum incrementally (RFC 1624), which leaves a CHECKSUM_COMPLETE
@@ -316,6 +366,22 @@ static __always_inline void count_to_pod(__u32 ifindex, __u32 len, int from_node
 	}
 }
 
+/*
+ * Whether what a pod sent must go through the host stack rather than a
+ * redirect, because the host may have translated its flow (a kube-proxy
+ * Service, a hostPort): a reply of a flow the host delivered; any fragment
+ * from a pod that has such flows (a fragment after the first carries no
+ * ports, so all fragments of a datagram take one path, and the host
+ * reassembles them for conntrack); and ICMP errors, which conntrack
+ * matches to the flow they quote and translates back.
+ */
+static __always_inline int host_path(const struct device_info *src, const struct flow_key *fk, const struct parsed *p)
+{
+	if (!(src->flags & EP_FLAG_HOST_FLOWS))
+		return 0;
+	return p->fragment || p->icmp_error || bpf_map_lookup_elem(&host_flows_v1, fk) != NULL;
+}
+
 /* Sends the frame into the namespace of the local pod ep, as one routed hop.
  * Returns TC_ACT_UNSPEC when the host stack should take it. */
 static __always_inline int redirect_local(struct __sk_buff *skb, __be16 proto, const struct flow_key *fk,
@@ -332,7 +398,7 @@ static __always_inline int redirect_local(struct __sk_buff *skb, __be16 proto, c
 			st->host_path_packets++;
 		return TC_ACT_UNSPEC;
 	}
-	if ((src->flags & EP_FLAG_HOST_FLOWS) && bpf_map_lookup_elem(&host_flows_v1, fk)) {
+	if (host_path(src, fk, p)) {
 		/* A reply of a flow the host delivered (NAT): back through it. */
 		if (st)
 			st->host_path_packets++;
@@ -370,12 +436,20 @@ static __always_inline int redirect_local(struct __sk_buff *skb, __be16 proto, c
  * needed, time exceeded, unreachable).
  */
 static __always_inline int forward_remote(struct __sk_buff *skb, __be16 proto, const struct flow_key *fk,
-					  const struct parsed *p)
+					  const struct parsed *p, int hairpin)
 {
-	struct bpf_fib_lookup fib = {};
 	struct bpf_redir_neigh nh = {};
-	__u32 mtu_len = 0;
+	struct bpf_fib_lookup *f;
+	struct scratch *sc;
+	__u32 mtu_len = 0, zero = 0;
 	long rc;
+
+	sc = bpf_map_lookup_elem(&scratch, &zero);
+	if (!sc)
+		return TC_ACT_UNSPEC;
+	f = &sc->fib;
+	__builtin_memset(f, 0, sizeof(*f));
+#define fib (*f)
 
 	if (p->ttl <= 1)
 		return TC_ACT_UNSPEC;
@@ -397,10 +471,10 @@ static __always_inline int forward_remote(struct __sk_buff *skb, __be16 proto, c
 	fib.tot_len = skb->gso_size ? 0 : p->l3_len;
 	fib.ifindex = skb->ifindex;
 
-	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	rc = bpf_fib_lookup(skb, f, sizeof(*f), 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return TC_ACT_UNSPEC; /* no route, frag needed (non-GSO), forwarding off, ... */
-	if (fib.ifindex == skb->ifindex || bpf_map_lookup_elem(&devices_v1, &fib.ifindex))
+	if ((fib.ifindex == skb->ifindex && !hairpin) || bpf_map_lookup_elem(&devices_v1, &fib.ifindex))
 		return TC_ACT_UNSPEC; /* back out, or to a pod veth this node does not map */
 	if (skb->gso_size) {
 		if (bpf_check_mtu(skb, fib.ifindex, &mtu_len, 0, BPF_MTU_CHK_SEGS))
@@ -422,6 +496,7 @@ static __always_inline int forward_remote(struct __sk_buff *skb, __be16 proto, c
 	nh.nh_family = fib.family;
 	__builtin_memcpy(nh.ipv6_nh, fib.ipv6_dst, 16);
 	return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+#undef fib
 }
 
 static __always_inline int tunnel_key_set(struct __sk_buff *skb, const struct tunnel_info *ti)
@@ -473,6 +548,334 @@ static __always_inline int encap_remote(struct __sk_buff *skb, __be16 proto, con
 	return bpf_redirect(ifindex, 0);
 }
 
+/*
+ * NodePorts and external IPs for clients outside the node (sockets of this
+ * node are translated by the cgroup programs, sock.h). A new flow arriving
+ * on an uplink for a Service is translated per packet: the destination to
+ * a backend and, with externalTrafficPolicy Cluster, the source to this
+ * node (as kube-proxy masquerades it), with a port of its own. lb_nat_v1
+ * holds both directions; replies are translated back where they appear:
+ * from_pod for a backend on this node, from_node for one on another node
+ * (they return to this node's address). Translated packets never meet the
+ * host's netfilter: they are redirected into the pod or out of a device.
+ * Fragments and ICMP errors of these flows go to the host stack, which
+ * knows nothing of them (documented limitation).
+ */
+#define NAT_PORT_MIN 61000   /* 61000..65535: clear of Linux's default ephemeral range */
+#define NAT_PORT_RANGE 4536
+#define NAT_TRIES 8
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_RST 0x04
+
+struct l4_off {
+	__u32 l4;   /* offset of the TCP/UDP header */
+	__u32 csum; /* offset of its checksum */
+	__u8 udp;
+};
+
+static __always_inline int l4_off_of(struct __sk_buff *skb, __u8 family, __u8 proto, struct l4_off *o)
+{
+	__u32 l3 = sizeof(struct ethhdr);
+
+	if (family == EP_FAMILY_IPV4) {
+		__u8 vihl;
+
+		if (bpf_skb_load_bytes(skb, l3, &vihl, 1) < 0)
+			return -1;
+		o->l4 = l3 + (vihl & 0xf) * 4;
+	} else {
+		o->l4 = l3 + sizeof(struct ipv6hdr);
+	}
+	o->udp = proto == IPPROTO_UDP;
+	o->csum = o->l4 + (o->udp ? 6 : 16);
+	return 0;
+}
+
+/* Rewrites the source (dst 0) or destination address, checksums included. */
+static __always_inline int nat_addr(struct __sk_buff *skb, __u8 family, const struct l4_off *o, int dst,
+				    const __u8 *from, const __u8 *to)
+{
+	__u32 l3 = sizeof(struct ethhdr);
+	__u64 flags = BPF_F_PSEUDO_HDR | (o->udp ? BPF_F_MARK_MANGLED_0 : 0);
+
+	if (family == EP_FAMILY_IPV4) {
+		__be32 a, b;
+
+		__builtin_memcpy(&a, from, 4);
+		__builtin_memcpy(&b, to, 4);
+		if (a == b)
+			return 0;
+		if (bpf_l4_csum_replace(skb, o->csum, a, b, flags | 4) < 0 ||
+		    bpf_l3_csum_replace(skb, l3 + __builtin_offsetof(struct iphdr, check), a, b, 4) < 0)
+			return -1;
+		return bpf_skb_store_bytes(skb, l3 + (dst ? __builtin_offsetof(struct iphdr, daddr) : __builtin_offsetof(struct iphdr, saddr)),
+					   &b, 4, 0);
+	}
+	{
+		__be32 a[4], b[4];
+		__s64 diff;
+
+		__builtin_memcpy(a, from, 16);
+		__builtin_memcpy(b, to, 16);
+		if (addr16_equal((__u8 *)a, (__u8 *)b))
+			return 0;
+		diff = bpf_csum_diff(a, 16, b, 16, 0);
+		if (diff < 0 || bpf_l4_csum_replace(skb, o->csum, 0, diff, flags) < 0)
+			return -1;
+		return bpf_skb_store_bytes(skb, l3 + (dst ? __builtin_offsetof(struct ipv6hdr, daddr) : __builtin_offsetof(struct ipv6hdr, saddr)),
+					   b, 16, 0);
+	}
+}
+
+static __always_inline int nat_port(struct __sk_buff *skb, const struct l4_off *o, int dst, __be16 from, __be16 to)
+{
+	if (from == to)
+		return 0;
+	if (bpf_l4_csum_replace(skb, o->csum, from, to, (o->udp ? BPF_F_MARK_MANGLED_0 : 0) | 2) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, o->l4 + (dst ? 2 : 0), &to, 2, 0);
+}
+
+/* Rewrites the packet's tuple fk into e's. Invalidates packet pointers. */
+static __always_inline int nat_apply(struct __sk_buff *skb, const struct flow_key *fk, const struct nat_entry *e)
+{
+	struct l4_off o;
+
+	if (l4_off_of(skb, fk->family, fk->proto, &o) < 0)
+		return -1;
+	if (nat_addr(skb, fk->family, &o, 0, fk->saddr, e->saddr) < 0 ||
+	    nat_addr(skb, fk->family, &o, 1, fk->daddr, e->daddr) < 0 ||
+	    nat_port(skb, &o, 0, fk->sport, e->sport) < 0 ||
+	    nat_port(skb, &o, 1, fk->dport, e->dport) < 0)
+		return -1;
+	return 0;
+}
+
+static __always_inline void lb_stat(int what)
+{
+	__u32 zero = 0;
+	struct lb_stats *s = bpf_map_lookup_elem(&lb_stats_v1, &zero);
+
+	if (!s)
+		return;
+	switch (what) {
+	case 0:
+		s->nodeport_new++;
+		break;
+	case 1:
+		s->nodeport_packets++;
+		break;
+	case 2:
+		s->nodeport_no_port++;
+		break;
+	case 3:
+		s->nodeport_dropped++;
+		break;
+	}
+}
+
+/*
+ * Sends a translated packet on: into the local pod on host veth local (one
+ * routed hop, as redirect_local), else routed by the FIB (or into the
+ * VXLAN tunnel) towards nfk's destination, back out of the device it came
+ * from if need be. The host stack cannot take a translated packet (it
+ * would see its own address as a source): what cannot be sent is dropped.
+ */
+static __always_inline int nat_forward(struct __sk_buff *skb, __be16 proto, const struct flow_key *nfk,
+				       const struct parsed *p, __u32 local)
+{
+	struct lpm_key k = {};
+	struct tunnel_info *ti;
+	int rc;
+
+	if (local) {
+		struct endpoint_key ek = {.family = nfk->family};
+		struct endpoint_info *ep;
+		__u8 pod_mac[ETH_ALEN], host_mac[ETH_ALEN];
+
+		__builtin_memcpy(ek.addr, nfk->daddr, 16);
+		ep = bpf_map_lookup_elem(&endpoints_v1, &ek);
+		if (!ep || ep->ifindex != local || p->ttl <= 1)
+			return TC_ACT_SHOT;
+		mac_copy(pod_mac, ep->pod_mac);
+		mac_copy(host_mac, ep->host_mac);
+		if (ttl_dec(skb, proto, p->ttl) < 0 || set_macs(skb, pod_mac, host_mac) < 0)
+			return TC_ACT_SHOT;
+		count_to_pod(local, skb->len, 0);
+		return bpf_redirect_peer(local, 0);
+	}
+	lpm_of(&k, nfk->family, nfk->daddr);
+	ti = bpf_map_lookup_elem(&tunnel_v1, &k);
+	if (ti && ti->ifindex) {
+		__u8 smac[ETH_ALEN] = {};
+
+		rc = encap_remote(skb, proto, p, ti, smac);
+	} else {
+		rc = forward_remote(skb, proto, nfk, p, 1);
+	}
+	return rc == TC_ACT_UNSPEC ? TC_ACT_SHOT : rc;
+}
+
+/* Translates a packet of a known flow (either direction) and sends it on. */
+static __attribute__((noinline)) int nat_continue(struct __sk_buff *skb, __be16 proto, const struct flow_key *fk,
+					const struct parsed *p, struct nat_entry *e)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__u32 local = 0, zero = 0;
+	struct scratch *sc = bpf_map_lookup_elem(&scratch, &zero);
+
+	if (!sc)
+		return TC_ACT_SHOT;
+#define nfk (sc->nfk)
+	if (now - e->seen_ns > NSEC_PER_SEC)
+		e->seen_ns = now;
+	if (fk->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) && !(e->flags & NAT_CLOSING))
+		e->flags |= NAT_CLOSING;
+	__builtin_memcpy(nfk.saddr, e->saddr, 16);
+	__builtin_memcpy(nfk.daddr, e->daddr, 16);
+	nfk.sport = e->sport;
+	nfk.dport = e->dport;
+	nfk.proto = fk->proto;
+	nfk.family = fk->family;
+	if ((e->flags & (NAT_REPLY | NAT_LOCAL)) == NAT_LOCAL)
+		local = e->ifindex;
+	if (nat_apply(skb, fk, e) < 0)
+		return TC_ACT_SHOT;
+	lb_stat(1);
+	return nat_forward(skb, proto, &nfk, p, local);
+#undef nfk
+}
+
+/* What nodeport decided. */
+enum np_verdict {
+	NP_PASS,      /* not ours: the host stack */
+	NP_DROP,
+	NP_TRANSLATE, /* lb_nat_v1 holds the packet's flow: nat_continue */
+};
+
+/*
+ * A packet from outside for an address of this node or an external IP: a
+ * known flow is translated; a new one to a NodePort or external IP gets a
+ * backend and its two lb_nat_v1 entries. Anything else continues to the
+ * host stack. (Not inlined: the call chain must fit the BPF stack.)
+ */
+static __attribute__((noinline)) int nodeport(const struct flow_key *fk, const struct parsed *p, int node_addr)
+{
+	struct affinity_key aff = {};
+	struct endpoint_key ek = {};
+	struct endpoint_info *ep;
+	struct scratch *sc;
+	struct lb_pick pick;
+	__u32 hash, i, zero = 0;
+	int snat;
+
+	if (fk->proto != IPPROTO_TCP && fk->proto != IPPROTO_UDP)
+		return NP_PASS;
+	if (bpf_map_lookup_elem(&lb_nat_v1, fk))
+		return NP_TRANSLATE;
+	if (lb_frontend(&pick, fk->family, fk->daddr, fk->dport, fk->proto, LB_SCOPE_EXT, 0) < 0)
+		return NP_PASS;
+	if (fk->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+		return NP_PASS; /* not a flow of ours: the host answers with a reset */
+	if (pick.svc->count == 0) {
+		if (pick.svc->flags & SVC_LOCAL) {
+			lb_stat(3);
+			return NP_DROP; /* endpoints elsewhere only: kube-proxy drops too */
+		}
+		return NP_PASS; /* no endpoint at all: the host refuses (reset, port unreachable) */
+	}
+	hash = bpf_get_prandom_u32();
+	aff.family = fk->family;
+	__builtin_memcpy(aff.client, fk->saddr, 16);
+	lb_backend(&pick, hash, &aff);
+	if (!pick.be || pick.be->family != fk->family)
+		return NP_PASS;
+	snat = !(pick.svc->flags & SVC_LOCAL);
+	sc = bpf_map_lookup_elem(&scratch, &zero);
+	if (!sc)
+		return NP_DROP;
+	__builtin_memset(&sc->orig, 0, sizeof(sc->orig));
+	__builtin_memset(&sc->rep, 0, sizeof(sc->rep));
+	__builtin_memset(&sc->rk, 0, sizeof(sc->rk));
+#define orig (sc->orig)
+#define rep (sc->rep)
+#define rk (sc->rk)
+
+	__builtin_memcpy(orig.daddr, pick.be->addr, 16);
+	orig.dport = pick.be->port;
+	if (snat) {
+		__u32 idx = fk->family == EP_FAMILY_IPV4 ? 0 : 1;
+		struct snat_info *sn = bpf_map_lookup_elem(&lb_snat_v1, &idx);
+
+		if (sn && sn->set)
+			__builtin_memcpy(orig.saddr, sn->addr, 16);
+		else if (node_addr)
+			__builtin_memcpy(orig.saddr, fk->daddr, 16);
+		else
+			return NP_PASS;
+		orig.flags = NAT_SNAT;
+	} else {
+		__builtin_memcpy(orig.saddr, fk->saddr, 16);
+		orig.sport = fk->sport;
+	}
+	ek.family = fk->family;
+	__builtin_memcpy(ek.addr, pick.be->addr, 16);
+	ep = bpf_map_lookup_elem(&endpoints_v1, &ek);
+	if (ep) {
+		orig.ifindex = ep->ifindex;
+		orig.flags |= NAT_LOCAL;
+	}
+	orig.seen_ns = bpf_ktime_get_ns();
+	orig.id = pick.svc->id;
+
+	/* The reply, as the backend sends it. */
+	__builtin_memcpy(rk.saddr, orig.daddr, 16);
+	__builtin_memcpy(rk.daddr, orig.saddr, 16);
+	rk.sport = orig.dport;
+	rk.proto = fk->proto;
+	rk.family = fk->family;
+	__builtin_memcpy(rep.saddr, fk->daddr, 16);
+	__builtin_memcpy(rep.daddr, fk->saddr, 16);
+	rep.sport = fk->dport;
+	rep.dport = fk->sport;
+	rep.seen_ns = orig.seen_ns;
+	rep.id = orig.id;
+	rep.flags = NAT_REPLY | (orig.flags & ~NAT_LOCAL);
+
+	for (i = 0; i < NAT_TRIES; i++) {
+		if (snat)
+			orig.sport = bpf_htons(NAT_PORT_MIN + (hash + i * 7919) % NAT_PORT_RANGE);
+		rk.dport = orig.sport;
+		if (bpf_map_update_elem(&lb_nat_v1, &rk, &rep, BPF_NOEXIST) == 0)
+			break;
+		if (!snat) {
+			/* the client's own earlier flow with the same port */
+			bpf_map_update_elem(&lb_nat_v1, &rk, &rep, BPF_ANY);
+			break;
+		}
+	}
+	if (i == NAT_TRIES) {
+		lb_stat(2);
+		return NP_DROP;
+	}
+	if (bpf_map_update_elem(&lb_nat_v1, fk, &orig, BPF_ANY) < 0) {
+		bpf_map_delete_elem(&lb_nat_v1, &rk);
+		return NP_DROP;
+	}
+	if (ep) {
+		__u32 idx = ep->ifindex;
+		struct device_info *dev = bpf_map_lookup_elem(&devices_v1, &idx);
+
+		if (dev && !(dev->flags & EP_FLAG_LB_BACKEND))
+			dev->flags |= EP_FLAG_LB_BACKEND; /* only ever set: no atomic needed */
+	}
+	lb_stat(0);
+	return NP_TRANSLATE;
+#undef orig
+#undef rep
+#undef rk
+}
+
 /* Routes what a pod sent, after anti-spoofing. */
 static __always_inline int route_pod(struct __sk_buff *skb, __be16 proto, void *l3,
 				     struct device_info *src, struct endpoint_stats *st)
@@ -487,6 +890,13 @@ static __always_inline int route_pod(struct __sk_buff *skb, __be16 proto, void *
 
 	if (parse_flow(proto, l3, data_end, &fk, &p) < 0)
 		return TC_ACT_UNSPEC;
+	if (src->flags & EP_FLAG_LB_BACKEND) {
+		/* a reply to a client outside the node (NodePort, external IP) */
+		struct nat_entry *e = bpf_map_lookup_elem(&lb_nat_v1, &fk);
+
+		if (e && (e->flags & NAT_REPLY))
+			return nat_continue(skb, proto, &fk, &p, e);
+	}
 	key.family = fk.family;
 	__builtin_memcpy(key.addr, fk.daddr, 16);
 	ep = bpf_map_lookup_elem(&endpoints_v1, &key);
@@ -512,8 +922,7 @@ static __always_inline int route_pod(struct __sk_buff *skb, __be16 proto, void *
 	}
 	if (fk.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
 		bpf_map_delete_elem(&nat_guard_v1, &g); /* this port now talks to the cluster directly */
-	if ((src->flags & EP_FLAG_SHAPED) ||
-	    ((src->flags & EP_FLAG_HOST_FLOWS) && bpf_map_lookup_elem(&host_flows_v1, &fk))) {
+	if ((src->flags & EP_FLAG_SHAPED) || host_path(src, &fk, &p)) {
 		if (st)
 			st->to_node_fallback++;
 		return TC_ACT_UNSPEC;
@@ -527,7 +936,7 @@ static __always_inline int route_pod(struct __sk_buff *skb, __be16 proto, void *
 		if (ti && ti->ifindex)
 			rc = encap_remote(skb, proto, &p, ti, src->host_mac);
 		else
-			rc = forward_remote(skb, proto, &fk, &p);
+			rc = forward_remote(skb, proto, &fk, &p, 0);
 	}
 	if (st) {
 		if (rc == TC_ACT_REDIRECT) {
@@ -750,7 +1159,9 @@ int to_pod(struct __sk_buff *skb)
 	__builtin_memcpy(key.addr, fk.saddr, 16);
 	struct endpoint_info *srcep = bpf_map_lookup_elem(&endpoints_v1, &key);
 
-	if (srcep || in_cluster(fk.family, fk.saddr)) {
+	/* Fragments carry no (or no reliable) ports: the first one of a
+	 * datagram is recorded through its flow's other packets. */
+	if (!p.fragment && (srcep || in_cluster(fk.family, fk.saddr))) {
 		struct flow_key rev = {};
 		struct flow_info fi = {.seen_ns = bpf_ktime_get_ns()};
 		struct device_info *dev = bpf_map_lookup_elem(&devices_v1, &ifindex);
@@ -800,15 +1211,40 @@ int from_node(struct __sk_buff *skb)
 	key.family = fk.family;
 	__builtin_memcpy(key.addr, fk.daddr, 16);
 	ep = bpf_map_lookup_elem(&endpoints_v1, &key);
-	if (!ep || (ep->flags & EP_FLAG_SHAPED))
+	if (!ep) {
+		/* For this node itself (a NodePort, a translated flow's reply),
+		 * or an external IP of a Service? */
+		int node_addr = bpf_map_lookup_elem(&lb_nodeaddr_v1, &key) != NULL;
+		struct nat_entry *e;
+
+		if (!node_addr && in_cluster(fk.family, fk.daddr))
+			return TC_ACT_UNSPEC;
+		switch (nodeport(&fk, &p, node_addr)) {
+		case NP_PASS:
+			return TC_ACT_UNSPEC;
+		case NP_TRANSLATE:
+			e = bpf_map_lookup_elem(&lb_nat_v1, &fk);
+			if (e)
+				return nat_continue(skb, proto, &fk, &p, e);
+		}
+		return TC_ACT_SHOT;
+	}
+	if (ep->flags & EP_FLAG_SHAPED)
 		return TC_ACT_UNSPEC;
 	/* Only pod-to-pod traffic: anything else may be a flow the host's
 	 * conntrack must see both ways (masquerade of the reply). */
 	if (!in_cluster(fk.family, fk.saddr))
 		return TC_ACT_UNSPEC;
-	guard_key_of(&g, fk.family, fk.daddr, fk.dport, fk.proto);
-	if (bpf_map_lookup_elem(&nat_guard_v1, &g))
-		return TC_ACT_UNSPEC; /* a reply the host must un-NAT */
+	if (p.icmp_error) {
+		/* An error about a packet the pod sent: the host's if that
+		 * packet's flow is one the host may have translated. */
+		if (quoted_guard(skb, &g, proto) < 0 || bpf_map_lookup_elem(&nat_guard_v1, &g))
+			return TC_ACT_UNSPEC;
+	} else {
+		guard_key_of(&g, fk.family, fk.daddr, fk.dport, fk.proto);
+		if (bpf_map_lookup_elem(&nat_guard_v1, &g))
+			return TC_ACT_UNSPEC; /* a reply the host must un-NAT */
+	}
 	if (p.ttl <= 1)
 		return TC_ACT_UNSPEC;
 	target = ep->ifindex;
@@ -883,3 +1319,5 @@ int to_overlay(struct __sk_buff *skb)
 	}
 	return TC_ACT_UNSPEC;
 }
+
+#include "sock.h"

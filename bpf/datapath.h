@@ -25,6 +25,10 @@ enum ep_flags {
 				    from it goes through the host veth's qdiscs */
 	EP_FLAG_HOST_FLOWS = 1 << 3, /* set by to_pod once host_flows_v1 holds a
 					flow of this pod: only then from_pod looks */
+	EP_FLAG_LB_BACKEND = 1 << 4, /* set by from_node once it translated a
+					NodePort or external flow to this pod:
+					only then from_pod looks its replies up
+					in lb_nat_v1 */
 };
 
 /* Key of endpoints_v1: a pod address. IPv4 uses addr[0..3], the rest is zero. */
@@ -211,3 +215,239 @@ struct {
 	__type(value, struct node_stats);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } node_stats_v1 SEC(".maps");
+
+
+/*
+ * Services (ebpf-cni-agent's services controller fills these; see
+ * internal/agent/services). Every Service port becomes frontends: its
+ * ClusterIPs, the NodePort (the wildcard address: any address of
+ * lb_nodeaddr_v1) and its external IPs, each in one or two scopes. A
+ * frontend (slot 0) holds the number of backends; slots 1..count hold
+ * their IDs, so a connection costs three lookups whatever the number of
+ * Services.
+ */
+enum lb_scope {
+	LB_SCOPE_EXT = 0, /* packets from outside the node (tc: from_node) */
+	LB_SCOPE_INT = 1, /* sockets of this node: pods and host (cgroup hooks) */
+};
+
+enum svc_flags {
+	SVC_NODEPORT = 1 << 0,  /* the key's address is the wildcard (zero) */
+	SVC_EXTERNAL = 1 << 1,  /* an external IP or load-balancer address */
+	SVC_LOCAL = 1 << 2,     /* externalTrafficPolicy Local (EXT scope):
+				   client address kept, local backends only */
+	SVC_AFFINITY = 1 << 3,  /* sessionAffinity ClientIP */
+	SVC_ADDRESS = 1 << 4,   /* port 0, protocol 0: a Service address whose
+				   port is not served: refused */
+};
+
+/* Key of lb_svc_v1. */
+struct svc_key {
+	__u8 addr[16];
+	__be16 port;
+	__u16 slot;   /* 0: the frontend; 1..count: its backends */
+	__u8 proto;   /* IPPROTO_TCP, IPPROTO_UDP; 0 with SVC_ADDRESS */
+	__u8 family;  /* enum ep_family */
+	__u8 pad[2];
+	enum lb_scope scope;
+};
+
+/* Value of lb_svc_v1. */
+struct svc_info {
+	__u32 id;               /* slot 0: the frontend's ID; else a backend ID */
+	__u32 affinity_timeout; /* slot 0, SVC_AFFINITY: seconds */
+	__u16 count;            /* slot 0: backends in slots 1..count (0: refuse) */
+	__u8 pad[2];
+	enum svc_flags flags;   /* slot 0 */
+};
+
+/* Value of lb_backends_v1, keyed by backend ID. */
+struct backend_info {
+	__u8 addr[16];
+	__be16 port;
+	__u8 proto;
+	__u8 family;
+};
+
+/* Key of lb_sock_v1: a socket and the backend it was sent to. */
+struct sock_key {
+	__u64 cookie; /* bpf_get_socket_cookie */
+	__u8 addr[16];
+	__be16 port;
+	__u8 family;
+	__u8 pad[5];
+};
+
+/* Value of lb_sock_v1: the Service address the socket asked for, which
+ * recvmsg and getpeername report instead of the backend's. */
+struct sock_info {
+	__u8 addr[16];
+	__be16 port;
+	__u8 family;
+	__u8 pad;
+	__u32 id; /* frontend */
+};
+
+/* Key of lb_affinity_v1: a client of a frontend with session affinity.
+ * Sockets of this node are one client per network namespace (all of a
+ * pod's sockets, like its address); packets from outside, per address. */
+struct affinity_key {
+	__u64 netns;     /* socket path: netns cookie; tc path: 0 */
+	__u8 client[16]; /* tc path: client address; socket path: zero */
+	__u32 id;        /* frontend */
+	__u8 family;
+	__u8 pad[3];
+};
+
+struct affinity_info {
+	__u64 seen_ns;
+	__u32 backend;
+	__u32 pad;
+};
+
+/* Key of lb_affinity_match_v1: a backend that is still one of the
+ * frontend's (a client sticks to it only while it is). */
+struct affinity_match {
+	__u32 id;
+	__u32 backend;
+};
+
+/* Value of lb_nodeaddr_v1, keyed like endpoints_v1 by an address of this
+ * node: where NodePorts are served. */
+struct nodeaddr_info {
+	__u32 flags; /* none yet */
+};
+
+/* Value of lb_snat_v1 (index 0: IPv4, 1: IPv6): the address external
+ * traffic is masqueraded to (externalTrafficPolicy Cluster). */
+struct snat_info {
+	__u8 addr[16];
+	__u32 set; /* 1 when addr is */
+};
+
+enum nat_flags {
+	NAT_REPLY = 1 << 0,   /* the entry translates replies (backend -> client) */
+	NAT_SNAT = 1 << 1,    /* the flow was masqueraded */
+	NAT_CLOSING = 1 << 2, /* a FIN or RST was seen */
+	NAT_LOCAL = 1 << 3,   /* the backend is a pod of this node */
+};
+
+/*
+ * Value of lb_nat_v1 (LRU), keyed by a flow_key as the packet shows it on
+ * the wire: the tuple it is rewritten to. A flow from outside to a NodePort
+ * or external IP has two entries, the original direction (client ->
+ * frontend, rewritten to [node ->] backend) and the reply (backend ->
+ * [node | client], rewritten to frontend -> client).
+ */
+struct nat_entry {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u32 ifindex; /* original direction, NAT_LOCAL: the backend's host veth */
+	__u64 seen_ns;
+	__u32 id;      /* frontend */
+	enum nat_flags flags;
+};
+
+/* Value of lb_stats_v1 (per CPU, one entry). */
+struct lb_stats {
+	__u64 sock_translated;  /* connect/sendmsg to a Service, sent to a backend */
+	__u64 sock_refused;     /* ... refused: no backend */
+	__u64 nodeport_new;     /* new flows from outside translated */
+	__u64 nodeport_packets; /* packets translated on the tc path (both ways) */
+	__u64 nodeport_no_port; /* SNAT found no free port */
+	__u64 nodeport_dropped; /* externalTrafficPolicy Local without a local backend */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct svc_key);
+	__type(value, struct svc_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_svc_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct backend_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_backends_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_key);
+	__type(value, struct sock_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_sock_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct affinity_key);
+	__type(value, struct affinity_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_affinity_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct affinity_match);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_affinity_match_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct endpoint_key);
+	__type(value, struct nodeaddr_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_nodeaddr_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct snat_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_snat_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct nat_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_nat_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct lb_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_stats_v1 SEC(".maps");
+
+/*
+ * Per-CPU scratch space for the tc programs' larger temporaries (the BPF
+ * stack is 512 bytes for a whole call chain). Not pinned, not versioned:
+ * each build has its own, and nothing outlives one program run.
+ */
+struct scratch {
+	struct bpf_fib_lookup fib;
+	struct nat_entry orig;
+	struct nat_entry rep;
+	struct flow_key rk;
+	struct flow_key nfk;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct scratch)); /* no BTF: bpf2go has no Go type for bpf_fib_lookup's unions */
+} scratch SEC(".maps");

@@ -13,6 +13,36 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type DatapathAffinityInfo struct {
+	_       structs.HostLayout
+	SeenNs  uint64
+	Backend uint32
+	Pad     uint32
+}
+
+type DatapathAffinityKey struct {
+	_      structs.HostLayout
+	Netns  uint64
+	Client [16]uint8
+	Id     uint32
+	Family uint8
+	Pad    [3]uint8
+}
+
+type DatapathAffinityMatch struct {
+	_       structs.HostLayout
+	Id      uint32
+	Backend uint32
+}
+
+type DatapathBackendInfo struct {
+	_      structs.HostLayout
+	Addr   [16]uint8
+	Port   uint16
+	Proto  uint8
+	Family uint8
+}
+
 type DatapathClusterInfo struct {
 	_     structs.HostLayout
 	Flags uint32
@@ -76,6 +106,7 @@ const (
 	DatapathEpFlagsEP_FLAG_IPV6       DatapathEpFlags = 2
 	DatapathEpFlagsEP_FLAG_SHAPED     DatapathEpFlags = 4
 	DatapathEpFlagsEP_FLAG_HOST_FLOWS DatapathEpFlags = 8
+	DatapathEpFlagsEP_FLAG_LB_BACKEND DatapathEpFlags = 16
 )
 
 type DatapathFlowInfo struct {
@@ -102,6 +133,23 @@ type DatapathGuardKey struct {
 	Family uint8
 }
 
+type DatapathLbScope uint32
+
+const (
+	DatapathLbScopeLB_SCOPE_EXT DatapathLbScope = 0
+	DatapathLbScopeLB_SCOPE_INT DatapathLbScope = 1
+)
+
+type DatapathLbStats struct {
+	_               structs.HostLayout
+	SockTranslated  uint64
+	SockRefused     uint64
+	NodeportNew     uint64
+	NodeportPackets uint64
+	NodeportNoPort  uint64
+	NodeportDropped uint64
+}
+
 type DatapathLpmKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -110,6 +158,27 @@ type DatapathLpmKey struct {
 	Addr      [16]uint8
 }
 
+type DatapathNatEntry struct {
+	_       structs.HostLayout
+	Saddr   [16]uint8
+	Daddr   [16]uint8
+	Sport   uint16
+	Dport   uint16
+	Ifindex uint32
+	SeenNs  uint64
+	Id      uint32
+	Flags   DatapathNatFlags
+}
+
+type DatapathNatFlags uint32
+
+const (
+	DatapathNatFlagsNAT_REPLY   DatapathNatFlags = 1
+	DatapathNatFlagsNAT_SNAT    DatapathNatFlags = 2
+	DatapathNatFlagsNAT_CLOSING DatapathNatFlags = 4
+	DatapathNatFlagsNAT_LOCAL   DatapathNatFlags = 8
+)
+
 type DatapathNodeStats struct {
 	_               structs.HostLayout
 	RedirectPackets uint64
@@ -117,6 +186,65 @@ type DatapathNodeStats struct {
 	EncapPackets    uint64
 	EncapBytes      uint64
 	DropNoTunnel    uint64
+}
+
+type DatapathNodeaddrInfo struct {
+	_     structs.HostLayout
+	Flags uint32
+}
+
+type DatapathSnatInfo struct {
+	_    structs.HostLayout
+	Addr [16]uint8
+	Set  uint32
+}
+
+type DatapathSockInfo struct {
+	_      structs.HostLayout
+	Addr   [16]uint8
+	Port   uint16
+	Family uint8
+	Pad    uint8
+	Id     uint32
+}
+
+type DatapathSockKey struct {
+	_      structs.HostLayout
+	Cookie uint64
+	Addr   [16]uint8
+	Port   uint16
+	Family uint8
+	Pad    [5]uint8
+}
+
+type DatapathSvcFlags uint32
+
+const (
+	DatapathSvcFlagsSVC_NODEPORT DatapathSvcFlags = 1
+	DatapathSvcFlagsSVC_EXTERNAL DatapathSvcFlags = 2
+	DatapathSvcFlagsSVC_LOCAL    DatapathSvcFlags = 4
+	DatapathSvcFlagsSVC_AFFINITY DatapathSvcFlags = 8
+	DatapathSvcFlagsSVC_ADDRESS  DatapathSvcFlags = 16
+)
+
+type DatapathSvcInfo struct {
+	_               structs.HostLayout
+	Id              uint32
+	AffinityTimeout uint32
+	Count           uint16
+	Pad             [2]uint8
+	Flags           DatapathSvcFlags
+}
+
+type DatapathSvcKey struct {
+	_      structs.HostLayout
+	Addr   [16]uint8
+	Port   uint16
+	Slot   uint16
+	Proto  uint8
+	Family uint8
+	Pad    [2]uint8
+	Scope  DatapathLbScope
 }
 
 type DatapathTunnelInfo struct {
@@ -171,24 +299,42 @@ type DatapathSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DatapathProgramSpecs struct {
-	FromNode  *ebpf.ProgramSpec `ebpf:"from_node"`
-	FromPod   *ebpf.ProgramSpec `ebpf:"from_pod"`
-	ToOverlay *ebpf.ProgramSpec `ebpf:"to_overlay"`
-	ToPod     *ebpf.ProgramSpec `ebpf:"to_pod"`
+	FromNode     *ebpf.ProgramSpec `ebpf:"from_node"`
+	FromPod      *ebpf.ProgramSpec `ebpf:"from_pod"`
+	SockConnect4 *ebpf.ProgramSpec `ebpf:"sock_connect4"`
+	SockConnect6 *ebpf.ProgramSpec `ebpf:"sock_connect6"`
+	SockGetpeer4 *ebpf.ProgramSpec `ebpf:"sock_getpeer4"`
+	SockGetpeer6 *ebpf.ProgramSpec `ebpf:"sock_getpeer6"`
+	SockRecvmsg4 *ebpf.ProgramSpec `ebpf:"sock_recvmsg4"`
+	SockRecvmsg6 *ebpf.ProgramSpec `ebpf:"sock_recvmsg6"`
+	SockSendmsg4 *ebpf.ProgramSpec `ebpf:"sock_sendmsg4"`
+	SockSendmsg6 *ebpf.ProgramSpec `ebpf:"sock_sendmsg6"`
+	ToOverlay    *ebpf.ProgramSpec `ebpf:"to_overlay"`
+	ToPod        *ebpf.ProgramSpec `ebpf:"to_pod"`
 }
 
 // DatapathMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DatapathMapSpecs struct {
-	ClusterV1   *ebpf.MapSpec `ebpf:"cluster_v1"`
-	DevicesV1   *ebpf.MapSpec `ebpf:"devices_v1"`
-	EndpointsV1 *ebpf.MapSpec `ebpf:"endpoints_v1"`
-	EpStatsV2   *ebpf.MapSpec `ebpf:"ep_stats_v2"`
-	HostFlowsV1 *ebpf.MapSpec `ebpf:"host_flows_v1"`
-	NatGuardV1  *ebpf.MapSpec `ebpf:"nat_guard_v1"`
-	NodeStatsV1 *ebpf.MapSpec `ebpf:"node_stats_v1"`
-	TunnelV1    *ebpf.MapSpec `ebpf:"tunnel_v1"`
+	ClusterV1         *ebpf.MapSpec `ebpf:"cluster_v1"`
+	DevicesV1         *ebpf.MapSpec `ebpf:"devices_v1"`
+	EndpointsV1       *ebpf.MapSpec `ebpf:"endpoints_v1"`
+	EpStatsV2         *ebpf.MapSpec `ebpf:"ep_stats_v2"`
+	HostFlowsV1       *ebpf.MapSpec `ebpf:"host_flows_v1"`
+	LbAffinityMatchV1 *ebpf.MapSpec `ebpf:"lb_affinity_match_v1"`
+	LbAffinityV1      *ebpf.MapSpec `ebpf:"lb_affinity_v1"`
+	LbBackendsV1      *ebpf.MapSpec `ebpf:"lb_backends_v1"`
+	LbNatV1           *ebpf.MapSpec `ebpf:"lb_nat_v1"`
+	LbNodeaddrV1      *ebpf.MapSpec `ebpf:"lb_nodeaddr_v1"`
+	LbSnatV1          *ebpf.MapSpec `ebpf:"lb_snat_v1"`
+	LbSockV1          *ebpf.MapSpec `ebpf:"lb_sock_v1"`
+	LbStatsV1         *ebpf.MapSpec `ebpf:"lb_stats_v1"`
+	LbSvcV1           *ebpf.MapSpec `ebpf:"lb_svc_v1"`
+	NatGuardV1        *ebpf.MapSpec `ebpf:"nat_guard_v1"`
+	NodeStatsV1       *ebpf.MapSpec `ebpf:"node_stats_v1"`
+	Scratch           *ebpf.MapSpec `ebpf:"scratch"`
+	TunnelV1          *ebpf.MapSpec `ebpf:"tunnel_v1"`
 }
 
 // DatapathVariableSpecs contains global variables before they are loaded into the kernel.
@@ -217,14 +363,24 @@ func (o *DatapathObjects) Close() error {
 //
 // It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DatapathMaps struct {
-	ClusterV1   *ebpf.Map `ebpf:"cluster_v1"`
-	DevicesV1   *ebpf.Map `ebpf:"devices_v1"`
-	EndpointsV1 *ebpf.Map `ebpf:"endpoints_v1"`
-	EpStatsV2   *ebpf.Map `ebpf:"ep_stats_v2"`
-	HostFlowsV1 *ebpf.Map `ebpf:"host_flows_v1"`
-	NatGuardV1  *ebpf.Map `ebpf:"nat_guard_v1"`
-	NodeStatsV1 *ebpf.Map `ebpf:"node_stats_v1"`
-	TunnelV1    *ebpf.Map `ebpf:"tunnel_v1"`
+	ClusterV1         *ebpf.Map `ebpf:"cluster_v1"`
+	DevicesV1         *ebpf.Map `ebpf:"devices_v1"`
+	EndpointsV1       *ebpf.Map `ebpf:"endpoints_v1"`
+	EpStatsV2         *ebpf.Map `ebpf:"ep_stats_v2"`
+	HostFlowsV1       *ebpf.Map `ebpf:"host_flows_v1"`
+	LbAffinityMatchV1 *ebpf.Map `ebpf:"lb_affinity_match_v1"`
+	LbAffinityV1      *ebpf.Map `ebpf:"lb_affinity_v1"`
+	LbBackendsV1      *ebpf.Map `ebpf:"lb_backends_v1"`
+	LbNatV1           *ebpf.Map `ebpf:"lb_nat_v1"`
+	LbNodeaddrV1      *ebpf.Map `ebpf:"lb_nodeaddr_v1"`
+	LbSnatV1          *ebpf.Map `ebpf:"lb_snat_v1"`
+	LbSockV1          *ebpf.Map `ebpf:"lb_sock_v1"`
+	LbStatsV1         *ebpf.Map `ebpf:"lb_stats_v1"`
+	LbSvcV1           *ebpf.Map `ebpf:"lb_svc_v1"`
+	NatGuardV1        *ebpf.Map `ebpf:"nat_guard_v1"`
+	NodeStatsV1       *ebpf.Map `ebpf:"node_stats_v1"`
+	Scratch           *ebpf.Map `ebpf:"scratch"`
+	TunnelV1          *ebpf.Map `ebpf:"tunnel_v1"`
 }
 
 func (m *DatapathMaps) Close() error {
@@ -234,8 +390,18 @@ func (m *DatapathMaps) Close() error {
 		m.EndpointsV1,
 		m.EpStatsV2,
 		m.HostFlowsV1,
+		m.LbAffinityMatchV1,
+		m.LbAffinityV1,
+		m.LbBackendsV1,
+		m.LbNatV1,
+		m.LbNodeaddrV1,
+		m.LbSnatV1,
+		m.LbSockV1,
+		m.LbStatsV1,
+		m.LbSvcV1,
 		m.NatGuardV1,
 		m.NodeStatsV1,
+		m.Scratch,
 		m.TunnelV1,
 	)
 }
@@ -250,16 +416,32 @@ type DatapathVariables struct {
 //
 // It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DatapathPrograms struct {
-	FromNode  *ebpf.Program `ebpf:"from_node"`
-	FromPod   *ebpf.Program `ebpf:"from_pod"`
-	ToOverlay *ebpf.Program `ebpf:"to_overlay"`
-	ToPod     *ebpf.Program `ebpf:"to_pod"`
+	FromNode     *ebpf.Program `ebpf:"from_node"`
+	FromPod      *ebpf.Program `ebpf:"from_pod"`
+	SockConnect4 *ebpf.Program `ebpf:"sock_connect4"`
+	SockConnect6 *ebpf.Program `ebpf:"sock_connect6"`
+	SockGetpeer4 *ebpf.Program `ebpf:"sock_getpeer4"`
+	SockGetpeer6 *ebpf.Program `ebpf:"sock_getpeer6"`
+	SockRecvmsg4 *ebpf.Program `ebpf:"sock_recvmsg4"`
+	SockRecvmsg6 *ebpf.Program `ebpf:"sock_recvmsg6"`
+	SockSendmsg4 *ebpf.Program `ebpf:"sock_sendmsg4"`
+	SockSendmsg6 *ebpf.Program `ebpf:"sock_sendmsg6"`
+	ToOverlay    *ebpf.Program `ebpf:"to_overlay"`
+	ToPod        *ebpf.Program `ebpf:"to_pod"`
 }
 
 func (p *DatapathPrograms) Close() error {
 	return _DatapathClose(
 		p.FromNode,
 		p.FromPod,
+		p.SockConnect4,
+		p.SockConnect6,
+		p.SockGetpeer4,
+		p.SockGetpeer6,
+		p.SockRecvmsg4,
+		p.SockRecvmsg6,
+		p.SockSendmsg4,
+		p.SockSendmsg6,
 		p.ToOverlay,
 		p.ToPod,
 	)

@@ -117,12 +117,14 @@ func mapsPinned(root string) bool {
 
 // MapNames lists the pin names of this build's maps, read from the
 // generated DatapathMaps (each field's `ebpf` tag), so a map added to
-// bpf/datapath.h needs no hand-kept list.
+// bpf/datapath.h needs no hand-kept list. Pinned maps are exactly the
+// versioned ones (endpoints_v1); an unversioned map (the per-CPU scratch)
+// lives and dies with its programs.
 func MapNames() []string {
 	t := reflect.TypeFor[DatapathMaps]()
 	out := make([]string, 0, t.NumField())
 	for i := range t.NumField() {
-		if name := t.Field(i).Tag.Get("ebpf"); name != "" {
+		if name := t.Field(i).Tag.Get("ebpf"); versioned.MatchString(name) {
 			out = append(out, name)
 		}
 	}

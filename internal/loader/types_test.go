@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 
@@ -100,6 +101,15 @@ func TestMapSizes(t *testing.T) {
 		{MapTunnel, DatapathLpmKey{}, DatapathTunnelInfo{}},
 		{MapNatGuard, DatapathGuardKey{}, DatapathFlowInfo{}},
 		{MapNodeStats, uint32(0), DatapathNodeStats{}},
+		{MapSvc, DatapathSvcKey{}, DatapathSvcInfo{}},
+		{MapBackends, uint32(0), DatapathBackendInfo{}},
+		{MapSock, DatapathSockKey{}, DatapathSockInfo{}},
+		{MapAffinity, DatapathAffinityKey{}, DatapathAffinityInfo{}},
+		{MapAffinityMatch, DatapathAffinityMatch{}, uint32(0)},
+		{MapNodeAddr, DatapathEndpointKey{}, DatapathNodeaddrInfo{}},
+		{MapSNAT, uint32(0), DatapathSnatInfo{}},
+		{MapNAT, DatapathFlowKey{}, DatapathNatEntry{}},
+		{MapLBStats, uint32(0), DatapathLbStats{}},
 	}
 	var pinned []string
 	for name, m := range spec.Maps {
@@ -160,16 +170,20 @@ func TestNames(t *testing.T) {
 			t.Errorf("no map %s in the object", m)
 		}
 	}
-	named := 0 // clang's constant sections (.rodata.cst16) are not pinned
-	for name := range spec.Maps {
-		if !strings.HasPrefix(name, ".") {
-			named++
+	pinned := 0 // not clang's constant sections (.rodata.cst16), nor the scratch map
+	for name, m := range spec.Maps {
+		if m.Pinning == ebpf.PinByName {
+			pinned++
+			if !slices.Contains(MapNames(), name) {
+				t.Errorf("pinned map %s is not in MapNames()", name)
+			}
 		}
 	}
-	if got := MapNames(); len(got) != named {
-		t.Errorf("MapNames() = %v, the object has %d named maps", got, named)
+	if got := MapNames(); len(got) != pinned {
+		t.Errorf("MapNames() = %v, the object pins %d maps", got, pinned)
 	}
-	for _, p := range []string{ProgFromPod, ProgToPod, ProgFromNode, ProgToOverlay} {
+	for _, p := range []string{ProgFromPod, ProgToPod, ProgFromNode, ProgToOverlay, ProgConnect4, ProgConnect6,
+		ProgSendmsg4, ProgSendmsg6, ProgRecvmsg4, ProgRecvmsg6, ProgGetpeer4, ProgGetpeer6} {
 		if _, ok := spec.Programs[p]; !ok {
 			t.Errorf("no program %s in the object", p)
 		}

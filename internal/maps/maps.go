@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 
 	"github.com/cilium/ebpf"
 
@@ -40,8 +41,12 @@ type Maps struct {
 func Open(root string) (*Maps, error) {
 	m := &Maps{}
 	v := reflect.ValueOf(&m.d).Elem()
+	names := loader.MapNames()
 	for i := range v.NumField() {
 		name := v.Type().Field(i).Tag.Get("ebpf")
+		if !slices.Contains(names, name) {
+			continue // the programs' own scratch space: not pinned
+		}
 		pinned, err := ebpf.LoadPinnedMap(filepath.Join(root, name), nil)
 		if err != nil {
 			m.d.Close()

@@ -6,6 +6,9 @@
 //
 //	ociimage -o pause.tar -name localhost/ebpf-cni/pause:e2e -entrypoint /pause -file /pause=bin/pause
 //
+// -tree DIR adds a prepared root file system (directories, regular files
+// and symlinks, e.g. busybox applets and shared libraries) below /.
+//
 // The format is small and fixed (image-spec v1.0): writing it here keeps the
 // module free of a registry client's dependency tree.
 package main
@@ -19,8 +22,10 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io/fs"
 	"os"
 	"path"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"time"
@@ -42,14 +47,15 @@ func main() {
 	out := flag.String("o", "image.tar", "archive to write")
 	name := flag.String("name", "", "image name with tag, e.g. localhost/ebpf-cni:dev")
 	entry := flag.String("entrypoint", "", "entrypoint, space separated")
+	tree := flag.String("tree", "", "LOCAL_DIR whose contents become the image's / (symlinks kept)")
 	var fs files
 	flag.Var(&fs, "file", "IMAGE_PATH=LOCAL_FILE (repeatable); executable bits are kept")
 	flag.Parse()
-	if *name == "" || len(fs) == 0 {
-		fmt.Fprintln(os.Stderr, "ociimage: -name and at least one -file are required")
+	if *name == "" || (len(fs) == 0 && *tree == "") {
+		fmt.Fprintln(os.Stderr, "ociimage: -name and at least one -file or a -tree are required")
 		os.Exit(2)
 	}
-	if err := build(*out, *name, strings.Fields(*entry), fs); err != nil {
+	if err := build(*out, *name, strings.Fields(*entry), *tree, fs); err != nil {
 		fmt.Fprintln(os.Stderr, "ociimage:", err)
 		os.Exit(1)
 	}
@@ -61,11 +67,16 @@ func digest(b []byte) string {
 }
 
 // layer returns the gzipped layer and the digest of its uncompressed tar.
-func layer(fs files) (gz []byte, diffID string, err error) {
+func layer(tree string, fs files) (gz []byte, diffID string, err error) {
 	var raw bytes.Buffer
 	tw := tar.NewWriter(&raw)
 	dirs := map[string]bool{}
 	epoch := time.Unix(0, 0)
+	if tree != "" {
+		if err := addTree(tw, tree, dirs); err != nil {
+			return nil, "", err
+		}
+	}
 	for _, f := range fs {
 		dst, src, ok := strings.Cut(f, "=")
 		if !ok || !strings.HasPrefix(dst, "/") {
@@ -111,6 +122,50 @@ func layer(fs files) (gz []byte, diffID string, err error) {
 	return z.Bytes(), digest(raw.Bytes()), nil
 }
 
+// addTree writes dir's directories, regular files and symlinks (targets
+// kept as they are) in lexical order, with fixed times and root ownership.
+func addTree(tw *tar.Writer, dir string, dirs map[string]bool) error {
+	epoch := time.Unix(0, 0)
+	return filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || p == dir {
+			return err
+		}
+		rel, err := filepath.Rel(dir, p)
+		if err != nil {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		hdr := &tar.Header{Name: filepath.ToSlash(rel), Mode: int64(info.Mode().Perm()), ModTime: epoch}
+		switch {
+		case d.IsDir():
+			hdr.Typeflag, hdr.Name = tar.TypeDir, hdr.Name+"/"
+			dirs[hdr.Name] = true
+			return tw.WriteHeader(hdr)
+		case info.Mode()&os.ModeSymlink != 0:
+			if hdr.Linkname, err = os.Readlink(p); err != nil {
+				return err
+			}
+			hdr.Typeflag, hdr.Mode = tar.TypeSymlink, 0o777
+			return tw.WriteHeader(hdr)
+		case info.Mode().IsRegular():
+			data, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			hdr.Typeflag, hdr.Size = tar.TypeReg, int64(len(data))
+			if err := tw.WriteHeader(hdr); err != nil {
+				return err
+			}
+			_, err = tw.Write(data)
+			return err
+		}
+		return fmt.Errorf("-tree: %s is neither a directory, a regular file nor a symlink", p)
+	})
+}
+
 // parents lists the directories above a relative path, outermost first.
 func parents(rel string) []string {
 	var out []string
@@ -120,8 +175,8 @@ func parents(rel string) []string {
 	return out
 }
 
-func build(out, name string, entry []string, fs files) error {
-	layerGz, diffID, err := layer(fs)
+func build(out, name string, entry []string, tree string, fs files) error {
+	layerGz, diffID, err := layer(tree, fs)
 	if err != nil {
 		return err
 	}
