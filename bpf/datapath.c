@@ -1159,16 +1159,19 @@ int to_pod(struct __sk_buff *skb)
 	__builtin_memcpy(key.addr, fk.saddr, 16);
 	struct endpoint_info *srcep = bpf_map_lookup_elem(&endpoints_v1, &key);
 
-	/* Fragments carry no (or no reliable) ports: the first one of a
-	 * datagram is recorded through its flow's other packets. */
-	if (!p.fragment && (srcep || in_cluster(fk.family, fk.saddr))) {
+	if (srcep || in_cluster(fk.family, fk.saddr)) {
 		struct flow_key rev = {};
 		struct flow_info fi = {.seen_ns = bpf_ktime_get_ns()};
 		struct device_info *dev = bpf_map_lookup_elem(&devices_v1, &ifindex);
 		struct endpoint_info *self;
 
-		reverse(&rev, &fk);
-		bpf_map_update_elem(&host_flows_v1, &rev, &fi, BPF_ANY);
+		/* A fragment without its ports (after the first; IPv6's) is not
+		 * recorded: the flag below sends all of this pod's fragments
+		 * through the host, which reassembles them for conntrack. */
+		if (!p.fragment || fk.sport || fk.dport) {
+			reverse(&rev, &fk);
+			bpf_map_update_elem(&host_flows_v1, &rev, &fi, BPF_ANY);
+		}
 		/* Flag this pod, so from_pod looks its flows up from now on (as
 		 * the sender of replies, and as the target of new SYNs). */
 		if (dev && !(dev->flags & EP_FLAG_HOST_FLOWS))

@@ -432,6 +432,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_stats_v1 SEC(".maps");
 
+/* lb_svc_cidr_v1: the cluster's Service ranges (ServiceCIDR objects). A
+ * connection to an address in them that no Service has is refused, as
+ * kube-proxy rejects it, instead of leaving through the default route. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 64);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_key);
+	__type(value, struct cluster_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_svc_cidr_v1 SEC(".maps");
+
 /*
  * Per-CPU scratch space for the tc programs' larger temporaries (the BPF
  * stack is 512 bytes for a whole call chain). Not pinned, not versioned:

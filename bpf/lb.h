@@ -47,12 +47,13 @@ static __always_inline void lb_count(int refused)
 /*
  * Finds the frontend for (family, addr, port, proto) in scope: the address
  * itself (ClusterIP, external IP), else the NodePort wildcard when addr is
- * one of this node's. With refuse_unknown_port, an address served on other
- * ports (SVC_ADDRESS) is returned too, with a count of 0, so the caller
- * refuses it. Fills pick->key and pick->svc; returns 0 when found.
+ * one of this node's. Fills pick->key and pick->svc; returns 0 when found,
+ * -1 when addr:port is no Service. With refuse_unknown, returns 1 (refuse)
+ * for a Service address on a port it does not serve (SVC_ADDRESS) and for
+ * an unallocated address of the Service ranges.
  */
 static __always_inline int lb_frontend(struct lb_pick *pick, __u8 family, const __u8 *addr, __be16 port,
-				       __u8 proto, __u8 scope, int refuse_unknown_port)
+				       __u8 proto, __u8 scope, int refuse_unknown)
 {
 	struct svc_key *k = &pick->key;
 	struct endpoint_key nk = {};
@@ -75,14 +76,21 @@ static __always_inline int lb_frontend(struct lb_pick *pick, __u8 family, const 
 			return 0;
 		__builtin_memcpy(k->addr, addr, 16);
 	}
-	if (!refuse_unknown_port)
+	if (!refuse_unknown)
 		return -1;
 	k->port = 0;
 	k->proto = 0;
 	pick->svc = bpf_map_lookup_elem(&lb_svc_v1, k);
 	if (pick->svc && (pick->svc->flags & SVC_ADDRESS))
-		return 0;
+		return 1;
 	pick->svc = NULL;
+	{
+		struct lpm_key lk = {.family = family, .prefixlen = 32 + (family == EP_FAMILY_IPV4 ? 32 : 128)};
+
+		__builtin_memcpy(lk.addr, addr, 16);
+		if (bpf_map_lookup_elem(&lb_svc_cidr_v1, &lk))
+			return 1;
+	}
 	return -1;
 }
 

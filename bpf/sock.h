@@ -56,10 +56,17 @@ static __always_inline int sock_xlate(struct bpf_sock_addr *ctx, __u8 family, __
 	__u64 cookie;
 	__u32 hash;
 
+	int rc;
+
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return 0;
-	if (lb_frontend(&pick, family, addr, *port, proto, LB_SCOPE_INT, 1) < 0)
+	rc = lb_frontend(&pick, family, addr, *port, proto, LB_SCOPE_INT, 1);
+	if (rc < 0)
 		return 0;
+	if (rc > 0) {
+		lb_count(1);
+		return -1;
+	}
 	cookie = bpf_get_socket_cookie(ctx);
 	/* A UDP socket keeps one backend for all its datagrams; a TCP
 	 * connection is placed at random. */

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/signal"
 	"strings"
@@ -27,6 +28,8 @@ import (
 	"github.com/ebpf-cni/ebpf-cni/internal/agent"
 	"github.com/ebpf-cni/ebpf-cni/internal/agent/datapath"
 	"github.com/ebpf-cni/ebpf-cni/internal/agent/routes"
+	"github.com/ebpf-cni/ebpf-cni/internal/agent/services"
+	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 )
 
 func main() {
@@ -44,13 +47,18 @@ func main() {
 	metricsAddr := flag.String("metrics-addr", ":9610", "address of /healthz and /metrics (empty: off)")
 	resync := flag.Duration("resync", 30*time.Second, "reconcile period from the informer caches (repairs state removed by hand)")
 	pinRoot := flag.String("pin-root", "/sys/fs/bpf/ebpf-cni", "the plugin's pin root (VXLAN mode keeps its tunnel map there; repairs use it)")
-	which := flag.String("controllers", "routes,datapath", "controllers to run: routes (Node objects: needs the API server), datapath (repairs pods' datapath from their records)")
+	which := flag.String("controllers", "routes,datapath", "controllers to run: routes (Node objects: needs the API server), "+
+		"datapath (repairs pods' datapath from their records), services (Kubernetes Services in BPF, replacing kube-proxy: needs the API server)")
 	repairEvery := flag.Duration("repair-interval", 2*time.Second, "how often the datapath controller checks the pods' datapath")
+	var serviceCIDRs prefixList
+	flag.Var(&serviceCIDRs, "service-cidrs", "services: the cluster's Service ranges, comma-separated (added to those of ServiceCIDR objects): addresses in them no Service has are refused")
+	cgroupRoot := flag.String("cgroup-root", "", "services: the cgroup v2 directory whose processes get socket load balancing (empty: the node's hierarchy root, mounted at "+loader.CgroupMount+" if the node has none)")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	cfg := routes.Config{NodeName: *nodeName, Mode: routes.Mode(*mode), StateDir: *stateDir, Resync: *resync}
 	dp := datapath.Config{StateDir: *stateDir, PinRoot: *pinRoot, Interval: *repairEvery}
-	if err := run(log, *kubeconfig, *metricsAddr, *pinRoot, strings.Split(*which, ","), cfg, dp); err != nil {
+	sc := services.Config{NodeName: *nodeName, PinRoot: *pinRoot, CgroupRoot: *cgroupRoot, ServiceCIDRs: serviceCIDRs}
+	if err := run(log, *kubeconfig, *metricsAddr, *pinRoot, strings.Split(*which, ","), cfg, dp, sc); err != nil {
 		log.Error("agent stopped", "err", err)
 		os.Exit(1)
 	}
@@ -69,29 +77,51 @@ func firstArg() string {
 	return ""
 }
 
-func run(log *slog.Logger, kubeconfig, metricsAddr, pinRoot string, which []string, rc routes.Config, dc datapath.Config) error {
+func run(log *slog.Logger, kubeconfig, metricsAddr, pinRoot string, which []string, rc routes.Config, dc datapath.Config, sc services.Config) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if rc.NodeName == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return fmt.Errorf("node name: %w", err)
+		}
+		rc.NodeName, sc.NodeName = h, h
+	}
+	var client kubernetes.Interface
+	kube := func() (kubernetes.Interface, error) {
+		if client != nil {
+			return client, nil
+		}
+		cfg, err := restConfig(kubeconfig)
+		if err != nil {
+			return nil, err
+		}
+		c, err := kubernetes.NewForConfig(cfg)
+		if err != nil {
+			return nil, fmt.Errorf("kubernetes client: %w", err)
+		}
+		client = c
+		return c, nil
+	}
 	var controllers []agent.Controller
 	for _, name := range which {
 		switch strings.TrimSpace(name) {
-		case "routes":
-			if rc.NodeName == "" {
-				h, err := os.Hostname()
-				if err != nil {
-					return fmt.Errorf("node name: %w", err)
-				}
-				rc.NodeName = h
-			}
-			cfg, err := restConfig(kubeconfig)
+		case "services":
+			client, err := kube()
 			if err != nil {
 				return err
 			}
-			client, err := kubernetes.NewForConfig(cfg)
+			svc, err := services.New(log, client, sc, reg)
 			if err != nil {
-				return fmt.Errorf("kubernetes client: %w", err)
+				return err
+			}
+			controllers = append(controllers, svc)
+		case "routes":
+			client, err := kube()
+			if err != nil {
+				return err
 			}
 			factory := informers.NewSharedInformerFactory(client, 0)
 			rt, err := routes.New(log, factory, routes.Netlink{PinRoot: pinRoot}, rc, reg)
@@ -107,7 +137,7 @@ func run(log *slog.Logger, kubeconfig, metricsAddr, pinRoot string, which []stri
 			}
 			controllers = append(controllers, dp)
 		default:
-			return fmt.Errorf("-controllers: unknown controller %q (routes, datapath)", name)
+			return fmt.Errorf("-controllers: unknown controller %q (routes, datapath, services)", name)
 		}
 	}
 
@@ -146,4 +176,29 @@ func restConfig(kubeconfig string) (*rest.Config, error) {
 		return nil, fmt.Errorf("kubeconfig %s: %w", kubeconfig, err)
 	}
 	return cfg, nil
+}
+
+// prefixList is a comma-separated list of CIDRs as a flag.
+type prefixList []netip.Prefix
+
+func (l *prefixList) String() string {
+	var s []string
+	for _, p := range *l {
+		s = append(s, p.String())
+	}
+	return strings.Join(s, ",")
+}
+
+func (l *prefixList) Set(v string) error {
+	for _, f := range strings.Split(v, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(f)
+		if err != nil {
+			return err
+		}
+		*l = append(*l, p.Masked())
+	}
+	return nil
 }

@@ -1,9 +1,13 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
+	"strconv"
+	"strings"
+	"syscall"
 	"time"
 )
 
@@ -11,9 +15,25 @@ import (
 // emulated cluster (ci/checks.sh): `probe serve ADDR` echoes and prints the
 // peer of every connection; `probe dial ADDR` connects, exchanges a line and
 // prints the address the server saw (so masquerade is visible).
+//
+// UDP, with datagrams larger than an MTU (fragments): `probe udp-serve ADDR
+// SIZE` answers every datagram with SIZE bytes starting with the sender's
+// address; `probe udp-dial ADDR SIZE` sends SIZE bytes on a connected
+// socket and prints "<bytes> <sender seen by the server> <peer>", or fails
+// with "connection refused" when an ICMP error says the port is closed.
 func probe(args []string) error {
+	if len(args) == 3 && (args[0] == "udp-serve" || args[0] == "udp-dial") {
+		size, err := strconv.Atoi(args[2])
+		if err != nil || size < 64 || size > 65000 {
+			return fmt.Errorf("probe %s: SIZE %q: want 64..65000", args[0], args[2])
+		}
+		if args[0] == "udp-serve" {
+			return udpServe(args[1], size)
+		}
+		return udpDial(args[1], size)
+	}
 	if len(args) != 2 {
-		return fmt.Errorf("usage: ebpf-cni-agent probe serve|dial ADDR")
+		return fmt.Errorf("usage: ebpf-cni-agent probe serve|dial ADDR, probe udp-serve|udp-dial ADDR SIZE")
 	}
 	switch args[0] {
 	case "serve":
@@ -47,4 +67,47 @@ func probe(args []string) error {
 		return nil
 	}
 	return fmt.Errorf("probe %q: want serve or dial", args[0])
+}
+
+func udpServe(addr string, size int) error {
+	pc, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, 65536)
+	for {
+		_, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			return err
+		}
+		reply := make([]byte, size)
+		copy(reply, from.(*net.UDPAddr).AddrPort().Addr().Unmap().String()+" ")
+		pc.WriteTo(reply, from)
+	}
+}
+
+func udpDial(addr string, size int) error {
+	c, err := net.Dial("udp", addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	buf := make([]byte, 65536)
+	for try := 0; try < 5; try++ {
+		if _, err := c.Write(make([]byte, size)); err != nil {
+			return err
+		}
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		n, err := c.Read(buf)
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return err
+		}
+		if err != nil {
+			continue // lost: again
+		}
+		seen, _, _ := strings.Cut(string(buf[:n]), " ")
+		fmt.Printf("%d %s %s\n", n, seen, c.RemoteAddr())
+		return nil
+	}
+	return fmt.Errorf("no answer from %s in 5 tries", addr)
 }

@@ -29,7 +29,9 @@ func uninstall(argv []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	var errs []error
-	errs = append(errs, loader.DetachNodes(*pinRoot), uplink.Forget(*stateDir))
+	// The node's hooks first: uplinks, and the socket programs of
+	// Services (ebpf-cni-agent re-attaches them while it runs).
+	errs = append(errs, loader.DetachNodes(*pinRoot), loader.DetachCgroup(*pinRoot), uplink.Forget(*stateDir))
 	pods := 0
 	for _, n := range endpoint.Networks(*stateDir) {
 		recs, _, err := endpoint.NewStore(*stateDir, n).List()
@@ -48,7 +50,7 @@ func uninstall(argv []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	if pods > 0 {
-		fmt.Fprintf(stdout, "detached the node devices; %d pod address(es) still use the datapath under %s: their DEL removes the rest\n", pods, *pinRoot)
+		fmt.Fprintf(stdout, "detached the node devices and the Service hooks; %d pod address(es) still use the datapath under %s: their DEL removes the rest\n", pods, *pinRoot)
 		return nil
 	}
 	if err := os.RemoveAll(*pinRoot); err != nil {
@@ -57,6 +59,6 @@ func uninstall(argv []string, stdout, stderr io.Writer) error {
 	for _, n := range endpoint.Networks(*stateDir) {
 		errs = append(errs, nat.Remove(n))
 	}
-	fmt.Fprintf(stdout, "detached the node devices, removed %s and the masquerade rules: nothing of ebpf-cni is left in the kernel\n", *pinRoot)
+	fmt.Fprintf(stdout, "detached the node devices and the Service hooks, removed %s and the masquerade rules: nothing of ebpf-cni is left in the kernel\n", *pinRoot)
 	return errors.Join(errs...)
 }

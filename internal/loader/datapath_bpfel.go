@@ -330,6 +330,7 @@ type DatapathMapSpecs struct {
 	LbSnatV1          *ebpf.MapSpec `ebpf:"lb_snat_v1"`
 	LbSockV1          *ebpf.MapSpec `ebpf:"lb_sock_v1"`
 	LbStatsV1         *ebpf.MapSpec `ebpf:"lb_stats_v1"`
+	LbSvcCidrV1       *ebpf.MapSpec `ebpf:"lb_svc_cidr_v1"`
 	LbSvcV1           *ebpf.MapSpec `ebpf:"lb_svc_v1"`
 	NatGuardV1        *ebpf.MapSpec `ebpf:"nat_guard_v1"`
 	NodeStatsV1       *ebpf.MapSpec `ebpf:"node_stats_v1"`
@@ -376,6 +377,7 @@ type DatapathMaps struct {
 	LbSnatV1          *ebpf.Map `ebpf:"lb_snat_v1"`
 	LbSockV1          *ebpf.Map `ebpf:"lb_sock_v1"`
 	LbStatsV1         *ebpf.Map `ebpf:"lb_stats_v1"`
+	LbSvcCidrV1       *ebpf.Map `ebpf:"lb_svc_cidr_v1"`
 	LbSvcV1           *ebpf.Map `ebpf:"lb_svc_v1"`
 	NatGuardV1        *ebpf.Map `ebpf:"nat_guard_v1"`
 	NodeStatsV1       *ebpf.Map `ebpf:"node_stats_v1"`
@@ -398,6 +400,7 @@ func (m *DatapathMaps) Close() error {
 		m.LbSnatV1,
 		m.LbSockV1,
 		m.LbStatsV1,
+		m.LbSvcCidrV1,
 		m.LbSvcV1,
 		m.NatGuardV1,
 		m.NodeStatsV1,

@@ -23,6 +23,7 @@ const (
 	MapSNAT          = "lb_snat_v1"
 	MapNAT           = "lb_nat_v1"
 	MapLBStats       = "lb_stats_v1"
+	MapSvcCIDR       = "lb_svc_cidr_v1"
 	ProgFromPod      = "from_pod"
 	ProgToPod        = "to_pod"
 	ProgFromNode     = "from_node"

@@ -110,6 +110,7 @@ func TestMapSizes(t *testing.T) {
 		{MapSNAT, uint32(0), DatapathSnatInfo{}},
 		{MapNAT, DatapathFlowKey{}, DatapathNatEntry{}},
 		{MapLBStats, uint32(0), DatapathLbStats{}},
+		{MapSvcCIDR, DatapathLpmKey{}, DatapathClusterInfo{}},
 	}
 	var pinned []string
 	for name, m := range spec.Maps {

@@ -330,3 +330,40 @@ func (m *Maps) LBStats() (LBStats, error) {
 	}
 	return sumStructs(per), nil
 }
+
+// ServiceCIDRs dumps lb_svc_cidr_v1.
+func (m *Maps) ServiceCIDRs() ([]netip.Prefix, error) {
+	var (
+		k   loader.DatapathLpmKey
+		v   loader.DatapathClusterInfo
+		out []netip.Prefix
+	)
+	it := m.d.LbSvcCidrV1.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, lpmPrefix(k))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("dump service ranges: %w", err)
+	}
+	return out, nil
+}
+
+// PutServiceCIDR adds a Service range: connections to its addresses that
+// no Service has are refused.
+func (m *Maps) PutServiceCIDR(p netip.Prefix) error {
+	k := lpmKey(p)
+	var v loader.DatapathClusterInfo
+	if err := m.d.LbSvcCidrV1.Put(&k, &v); err != nil {
+		return fmt.Errorf("put service range %s: %w", p, err)
+	}
+	return nil
+}
+
+// DeleteServiceCIDR removes a Service range; absent is fine.
+func (m *Maps) DeleteServiceCIDR(p netip.Prefix) error {
+	k := lpmKey(p)
+	if err := m.d.LbSvcCidrV1.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete service range %s: %w", p, err)
+	}
+	return nil
+}

@@ -194,7 +194,7 @@ func TestSockConnectTranslates(t *testing.T) {
 			t.Errorf("60 connections reached %v, want all 3 backends", seen)
 		}
 		// Not a Service: untouched (no route in this namespace).
-		if _, _, err := dial("tcp", "10.96.7.8:80"); !errors.Is(err, syscall.ENETUNREACH) {
+		if _, _, err := dial("tcp", "10.97.7.8:80"); !errors.Is(err, syscall.ENETUNREACH) {
 			t.Errorf("connect to a non-Service address: %v, want ENETUNREACH (untranslated)", err)
 		}
 	})
@@ -210,11 +210,13 @@ func TestSockRefusals(t *testing.T) {
 	e.service(t, maps.Frontend{Addr: vip, Port: 80, Proto: syscall.IPPROTO_TCP, Scope: maps.ScopeInt}, 0, 0)
 	e.service(t, maps.Frontend{Addr: vip, Port: 53, Proto: syscall.IPPROTO_UDP, Scope: maps.ScopeInt}, 0, 0)
 	e.service(t, maps.Frontend{Addr: vip, Scope: maps.ScopeInt}, maps.SvcAddress, 0)
+	must(t, e.m.PutServiceCIDR(netip.MustParsePrefix("10.96.0.0/16")))
 	e.in(t, func() {
 		for _, c := range []struct{ network, addr, what string }{
 			{"tcp", "10.96.7.7:80", "TCP to a Service without endpoints"},
 			{"udp", "10.96.7.7:53", "UDP connect to a Service without endpoints"},
 			{"tcp", "10.96.7.7:81", "a port the Service address does not serve"},
+			{"tcp", "10.96.9.9:80", "an address of the Service range no Service has"},
 		} {
 			start := time.Now()
 			_, _, err := dial(c.network, c.addr)

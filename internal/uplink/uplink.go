@@ -167,6 +167,33 @@ func device(l netlink.Link) (loader.NodeDevice, bool) {
 	return d, true
 }
 
+// Holding returns the devices that hold any of addrs (the node addresses
+// where NodePorts are served), as uplinks: from_node on their ingress
+// translates traffic from outside to Services.
+func Holding(addrs []netip.Addr) ([]loader.NodeDevice, error) {
+	all, err := nl.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, fmt.Errorf("list addresses: %w", err)
+	}
+	seen := map[int]bool{}
+	var out []loader.NodeDevice
+	for _, a := range all {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		if !ok || !slices.Contains(addrs, ip.Unmap()) || seen[a.LinkIndex] {
+			continue
+		}
+		seen[a.LinkIndex] = true
+		l, err := netlink.LinkByIndex(a.LinkIndex)
+		if err != nil {
+			continue
+		}
+		if d, ok := device(l); ok {
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}
+
 // Forget drops the remembered choice (ebpf-cni uninstall): the next ADD
 // chooses anew.
 func Forget(stateDir string) error {
