@@ -14,7 +14,8 @@ import (
 // probe is the connectivity check shared by the kind e2e and the local
 // emulated cluster (ci/checks.sh): `probe serve ADDR` echoes and prints the
 // peer of every connection; `probe dial ADDR` connects, exchanges a line and
-// prints the address the server saw (so masquerade is visible).
+// prints the address the server saw (so masquerade is visible); `probe
+// connect ADDR` only completes a TCP handshake and prints the peer.
 //
 // UDP, with datagrams larger than an MTU (fragments): `probe udp-serve ADDR
 // SIZE` answers every datagram with SIZE bytes starting with the sender's
@@ -33,7 +34,7 @@ func probe(args []string) error {
 		return udpDial(args[1], size)
 	}
 	if len(args) != 2 {
-		return fmt.Errorf("usage: ebpf-cni-agent probe serve|dial ADDR, probe udp-serve|udp-dial ADDR SIZE")
+		return fmt.Errorf("usage: ebpf-cni-agent probe serve|dial|connect ADDR, probe udp-serve|udp-dial ADDR SIZE")
 	}
 	switch args[0] {
 	case "serve":
@@ -52,6 +53,14 @@ func probe(args []string) error {
 				fmt.Fprintf(c, "%s\n", c.RemoteAddr().(*net.TCPAddr).IP)
 			}()
 		}
+	case "connect":
+		// Only the TCP handshake (a server that speaks first or TLS).
+		c, err := net.DialTimeout("tcp", args[1], 5*time.Second)
+		if err != nil {
+			return err
+		}
+		fmt.Println(c.RemoteAddr())
+		return c.Close()
 	case "dial":
 		c, err := net.DialTimeout("tcp", args[1], 5*time.Second)
 		if err != nil {
@@ -66,7 +75,7 @@ func probe(args []string) error {
 		fmt.Print(string(seen))
 		return nil
 	}
-	return fmt.Errorf("probe %q: want serve or dial", args[0])
+	return fmt.Errorf("probe %q: want serve, dial, connect, udp-serve or udp-dial", args[0])
 }
 
 func udpServe(addr string, size int) error {

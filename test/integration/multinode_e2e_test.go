@@ -194,11 +194,11 @@ func (c *cluster) addNode(t *testing.T, i int) *mnNode {
 	return n
 }
 
-func (n *mnNode) startAgent(t *testing.T, mode string) {
+func (n *mnNode) startAgent(t *testing.T, mode string, extra ...string) {
 	t.Helper()
-	n.agent = n.exec(filepath.Join(binDir, "ebpf-cni-agent"),
+	n.agent = n.exec(append([]string{filepath.Join(binDir, "ebpf-cni-agent"),
 		"-kubeconfig", n.c.kcfg, "-node-name", n.name, "-mode", mode, "-state-dir", n.net.stateDir,
-		"-pin-root", n.net.pinRoot, "-metrics-addr", n.ip.String()+":9610", "-resync", "2s")
+		"-pin-root", n.net.pinRoot, "-metrics-addr", n.ip.String() + ":9610", "-resync", "2s"}, extra...)...)
 	logf, _ := os.OpenFile(filepath.Join(n.dir, "agent.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	n.agent.Stdout, n.agent.Stderr = logf, logf
 	if err := n.agent.Start(); err != nil {

@@ -22,15 +22,15 @@ import (
 	"github.com/ebpf-cni/ebpf-cni/internal/maps"
 )
 
-// testCgroup is a cgroup v2 directory for one test: the socket programs
-// of its pin root attach there, and the test's clients run in it.
-func testCgroup(t *testing.T, pinRoot string) (dir string, fd int) {
+// newCgroup makes a cgroup v2 directory named ebt-<name> for the test's
+// processes, removed at its end (after they are gone).
+func newCgroup(t *testing.T, name string) (dir string, fd int) {
 	t.Helper()
 	root, err := loader.CgroupRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir = filepath.Join(root, "ebt-"+strings.ToLower(nonAlnum.ReplaceAllString(t.Name(), "")))
+	dir = filepath.Join(root, "ebt-"+strings.ToLower(nonAlnum.ReplaceAllString(name, "")))
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -40,7 +40,6 @@ func testCgroup(t *testing.T, pinRoot string) (dir string, fd int) {
 	}
 	t.Cleanup(func() {
 		f.Close()
-		loader.DetachCgroup(pinRoot)
 		// Its processes are gone by now (killed by their own cleanups).
 		for range 50 {
 			if err := os.Remove(dir); err == nil || os.IsNotExist(err) {
@@ -50,6 +49,15 @@ func testCgroup(t *testing.T, pinRoot string) (dir string, fd int) {
 		}
 		t.Errorf("test cgroup %s left behind", dir)
 	})
+	return dir, int(f.Fd())
+}
+
+// testCgroup is a cgroup for one test with the socket programs of pinRoot
+// attached: the test's clients run in it.
+func testCgroup(t *testing.T, pinRoot string) (dir string, fd int) {
+	t.Helper()
+	dir, fd = newCgroup(t, t.Name())
+	t.Cleanup(func() { loader.DetachCgroup(pinRoot) })
 	progs, err := loader.Open(pinRoot)
 	if err != nil {
 		t.Fatal(err)
@@ -58,7 +66,7 @@ func testCgroup(t *testing.T, pinRoot string) (dir string, fd int) {
 	if err := progs.AttachCgroup(dir); err != nil {
 		t.Fatal(err)
 	}
-	return dir, int(f.Fd())
+	return dir, fd
 }
 
 // probeCmd is `ebpf-cni-agent probe args...` in p's namespace (the host's
