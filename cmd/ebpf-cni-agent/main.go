@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -106,6 +107,13 @@ func run(log *slog.Logger, kubeconfig, metricsAddr, pinRoot string, which []stri
 		return c, nil
 	}
 	var controllers []agent.Controller
+	if !slices.ContainsFunc(which, func(s string) bool { return strings.TrimSpace(s) == "services" }) {
+		// The switch: without the services controller, a Service datapath
+		// an earlier run left in place goes (kube-proxy serves alone).
+		if err := services.Off(pinRoot); err != nil {
+			log.Error("turn the Service datapath off", "err", err)
+		}
+	}
 	for _, name := range which {
 		switch strings.TrimSpace(name) {
 		case "services":

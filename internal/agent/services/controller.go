@@ -577,3 +577,40 @@ func (c *Controller) sweepLoop(ctx context.Context) {
 		c.m.natExpired.Add(float64(n))
 	}
 }
+
+// Off turns the Service datapath off on a node where the controller ran
+// before (the agent started without it): the socket programs are detached
+// and the Service maps emptied, so neither a socket nor a packet from
+// outside is translated any more and kube-proxy (if any) serves alone.
+func Off(pinRoot string) error {
+	errs := []error{loader.DetachCgroup(pinRoot)}
+	dp, err := maps.Open(pinRoot)
+	if errors.Is(err, loader.ErrNotLoaded) {
+		return errors.Join(errs...)
+	}
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	defer dp.Close()
+	entries, err := dp.ServiceEntries()
+	errs = append(errs, err)
+	for _, e := range entries {
+		errs = append(errs, dp.DeleteSlot(e.Frontend, e.Slot))
+	}
+	backends, err := dp.Backends()
+	errs = append(errs, err)
+	for id := range backends {
+		errs = append(errs, dp.DeleteBackend(id))
+	}
+	addrs, err := dp.NodeAddrs()
+	errs = append(errs, err)
+	for _, a := range addrs {
+		errs = append(errs, dp.DeleteNodeAddr(a))
+	}
+	cidrs, err := dp.ServiceCIDRs()
+	errs = append(errs, err)
+	for _, p := range cidrs {
+		errs = append(errs, dp.DeleteServiceCIDR(p))
+	}
+	return errors.Join(errs...)
+}

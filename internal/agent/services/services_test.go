@@ -74,8 +74,11 @@ func (x *table) DeleteBackend(id uint32) error {
 	return nil
 }
 
-func (x *table) PutAffinityMatch(id, b uint32) error    { x.matches[[2]uint32{id, b}] = true; return nil }
-func (x *table) DeleteAffinityMatch(id, b uint32) error { delete(x.matches, [2]uint32{id, b}); return nil }
+func (x *table) PutAffinityMatch(id, b uint32) error { x.matches[[2]uint32{id, b}] = true; return nil }
+func (x *table) DeleteAffinityMatch(id, b uint32) error {
+	delete(x.matches, [2]uint32{id, b})
+	return nil
+}
 
 // dump renders what the datapath would resolve: one line per frontend,
 // "addr:port/proto scope [flags] timeout -> backends".
