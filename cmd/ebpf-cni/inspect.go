@@ -105,6 +105,13 @@ func inspect(argv []string, stdout, stderr io.Writer) error {
 	for _, t := range rep.Tunnels {
 		fmt.Fprintf(stdout, "tunnel %s -> node %s (VTEP %s)\n", t.PodCIDR, t.Node, t.VTEPMAC)
 	}
+	if sv := rep.Services; sv.Frontends > 0 {
+		c := sv.Counters
+		fmt.Fprintf(stdout, "\nservices: %d frontends, %d backends, %d NodePort flow entries; node addresses %v, ranges %v\n",
+			sv.Frontends, sv.Backends, sv.NATFlows, sv.NodeAddrs, sv.Ranges)
+		fmt.Fprintf(stdout, "  sockets: %d translated, %d refused; from outside: %d flows, %d packets, %d dropped (Local), %d without a port\n",
+			c.SockTranslated, c.SockRefused, c.NodeportNew, c.NodeportPackets, c.NodeportDropped, c.NodeportNoPort)
+	}
 	if len(rep.Problems) > 0 {
 		fmt.Fprintln(stdout)
 	}

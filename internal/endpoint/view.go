@@ -44,10 +44,23 @@ type Report struct {
 	Cluster []netip.Prefix `json:"cluster"`
 	// Tunnels are the other nodes' podCIDRs in VXLAN mode.
 	Tunnels []TunnelView `json:"tunnels"`
+	// Services is the Service datapath's state (ebpf-cni-agent's services
+	// controller fills it).
+	Services ServicesView `json:"services"`
 	// Problems are what needs a person or a repair: pods whose datapath
 	// is gone (STATUS answers 51), records and reservations that do not
 	// decode (skipped everywhere; GC reclaims them).
 	Problems []string `json:"problems"`
+}
+
+// ServicesView sums up the Service maps.
+type ServicesView struct {
+	Frontends int            `json:"frontends"`
+	Backends  int            `json:"backends"`
+	NATFlows  int            `json:"natEntries"`
+	Counters  maps.LBStats   `json:"counters"`
+	NodeAddrs []netip.Addr   `json:"nodeAddresses"`
+	Ranges    []netip.Prefix `json:"serviceRanges"`
 }
 
 // DeviceView is one hook of a node device.
@@ -94,6 +107,9 @@ func Collect(pinRoot, stateDir, ipamDir string) (Report, error) {
 		rep.Devices = append(rep.Devices, dv)
 	}
 	if rep.Cluster, err = m.Cluster(); err != nil {
+		return rep, err
+	}
+	if rep.Services, err = servicesView(m); err != nil {
 		return rep, err
 	}
 	tunnels, err := m.Tunnels()
@@ -190,4 +206,33 @@ func problems(pinRoot, stateDir, ipamDir string) []string {
 		}
 	}
 	return out
+}
+
+func servicesView(m *maps.Maps) (ServicesView, error) {
+	var v ServicesView
+	entries, err := m.ServiceEntries()
+	if err != nil {
+		return v, err
+	}
+	for _, e := range entries {
+		if e.Slot == 0 {
+			v.Frontends++
+		}
+	}
+	backends, err := m.Backends()
+	if err != nil {
+		return v, err
+	}
+	v.Backends = len(backends)
+	if v.NATFlows, err = m.NATFlows(); err != nil {
+		return v, err
+	}
+	if v.Counters, err = m.LBStats(); err != nil {
+		return v, err
+	}
+	if v.NodeAddrs, err = m.NodeAddrs(); err != nil {
+		return v, err
+	}
+	v.Ranges, err = m.ServiceCIDRs()
+	return v, err
 }

@@ -29,15 +29,21 @@ func (n *node) inspect() map[netip.Addr]endpoint.View {
 	return m
 }
 
-// problems is the problems list of `ebpf-cni inspect --json`, one string.
-func (n *node) problems() string {
+// report is `ebpf-cni inspect --json` of the node.
+func (n *node) report() inspected {
 	n.t.Helper()
 	out, err := exec.Command(filepath.Join(binDir, "ebpf-cni"), "inspect", "--json",
 		"--pin-root", n.pinRoot, "--state-dir", n.stateDir, "--ipam-dir", n.ipamDir).Output()
 	if err != nil {
 		n.t.Fatalf("ebpf-cni inspect: %v: %s", err, out)
 	}
-	return strings.Join(decodeInspect(n.t, out).Problems, "\n")
+	return decodeInspect(n.t, out)
+}
+
+// problems is the problems list of `ebpf-cni inspect --json`, one string.
+func (n *node) problems() string {
+	n.t.Helper()
+	return strings.Join(n.report().Problems, "\n")
 }
 
 // inspected is `ebpf-cni inspect --json`.
