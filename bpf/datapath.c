@@ -158,6 +158,7 @@ struct parsed {
 	__u8 tcp_flags;
 	__u8 fragment;   /* an IP fragment: ports unknown or unreliable */
 	__u8 icmp_error; /* an ICMP(v6) error: it belongs to the flow it quotes */
+	__u8 icmp_type;
 	__u8 ttl;      /* TTL or hop limit */
 	__u8 tos;
 	__u16 l3_len;  /* IPv4 total length, IPv6 payload length + 40 */
@@ -172,6 +173,7 @@ static __always_inline void l4_ports(struct flow_key *fk, struct parsed *p, void
 
 		if ((void *)(type + 1) > data_end)
 			return;
+		p->icmp_type = *type;
 		/* unreachable, source quench, redirect, time exceeded,
 		 * parameter problem; ICMPv6: types below 128 */
 		if (fk->proto == IPPROTO_ICMP)
@@ -190,7 +192,7 @@ static __always_inline void l4_ports(struct flow_key *fk, struct parsed *p, void
 		p->tcp_flags = ((__u8 *)th)[13];
 		return;
 	}
-	if (fk->proto == IPPROTO_UDP) {
+	if (fk->proto == IPPROTO_UDP || fk->proto == IPPROTO_SCTP) {
 		__be16 *ports = l4;
 
 		if ((void *)(ports + 2) > data_end)
@@ -313,6 +315,8 @@ static __always_inline int quoted_guard(struct __sk_buff *skb, struct guard_key 
 		return 0;
 	}
 }
+
+#include "policy.h"
 
 /*
  * Decrements the TTL (hop limit) of the IP header at l3off, as a router does.
@@ -751,6 +755,9 @@ enum np_verdict {
 	NP_PASS,      /* not ours: the host stack */
 	NP_DROP,
 	NP_TRANSLATE, /* lb_nat_v1 holds the packet's flow: nat_continue */
+	NP_NEW_LOCAL, /* likewise, a new flow to a pod of this node: its
+			 ingress policy first (scratch nfk: the translated
+			 tuple, orig.ifindex: the pod, rk: the reply's key) */
 };
 
 /*
@@ -870,6 +877,15 @@ static __attribute__((noinline)) int nodeport(const struct flow_key *fk, const s
 			dev->flags |= EP_FLAG_LB_BACKEND; /* only ever set: no atomic needed */
 	}
 	lb_stat(0);
+	if (ep) {
+		__builtin_memcpy(sc->nfk.saddr, orig.saddr, 16);
+		__builtin_memcpy(sc->nfk.daddr, orig.daddr, 16);
+		sc->nfk.sport = orig.sport;
+		sc->nfk.dport = orig.dport;
+		sc->nfk.proto = fk->proto;
+		sc->nfk.family = fk->family;
+		return NP_NEW_LOCAL;
+	}
 	return NP_TRANSLATE;
 #undef orig
 #undef rep
@@ -900,6 +916,10 @@ static __always_inline int route_pod(struct __sk_buff *skb, __be16 proto, void *
 	key.family = fk.family;
 	__builtin_memcpy(key.addr, fk.daddr, 16);
 	ep = bpf_map_lookup_elem(&endpoints_v1, &key);
+	/* NetworkPolicy: the sender's egress, and a local receiver's ingress,
+	 * before anything leaves (the redirect skips the receiver's to_pod). */
+	if (policy_check(&fk, &p, skb->ifindex, ep ? ep->ifindex : 0) < 0)
+		return TC_ACT_SHOT;
 	if (ep)
 		return redirect_local(skb, proto, &fk, &p, src, ep, st);
 
@@ -1152,6 +1172,10 @@ int to_pod(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	if (parse_flow(eth->h_proto, eth + 1, data_end, &fk, &p) < 0)
 		return TC_ACT_UNSPEC;
+	/* NetworkPolicy: the pod's ingress for what the host stack delivers,
+	 * but for what a socket of the host sends (the node is allowed). */
+	if (!skb->sk && policy_check(&fk, &p, 0, ifindex) < 0)
+		return TC_ACT_SHOT;
 	/* From a pod (here or on another node), yet delivered by the host
 	 * stack rather than redirected: the host may have rewritten the flow
 	 * (a Service, a hostPort). Its replies must take the host path back. */
@@ -1225,6 +1249,19 @@ int from_node(struct __sk_buff *skb)
 		switch (nodeport(&fk, &p, node_addr)) {
 		case NP_PASS:
 			return TC_ACT_UNSPEC;
+		case NP_NEW_LOCAL: {
+			__u32 zero = 0;
+			struct scratch *sc = bpf_map_lookup_elem(&scratch, &zero);
+
+			if (!sc)
+				return TC_ACT_SHOT;
+			if (policy_check(&sc->nfk, &p, 0, sc->orig.ifindex) < 0) {
+				bpf_map_delete_elem(&lb_nat_v1, &sc->rk);
+				bpf_map_delete_elem(&lb_nat_v1, &fk);
+				return TC_ACT_SHOT; /* the backend's ingress policy */
+			}
+		}
+			/* fall through */
 		case NP_TRANSLATE:
 			e = bpf_map_lookup_elem(&lb_nat_v1, &fk);
 			if (e)
@@ -1250,6 +1287,8 @@ int from_node(struct __sk_buff *skb)
 	}
 	if (p.ttl <= 1)
 		return TC_ACT_UNSPEC;
+	if (policy_check(&fk, &p, 0, ep->ifindex) < 0)
+		return TC_ACT_SHOT; /* the pod's ingress policy */
 	target = ep->ifindex;
 	mac_copy(pod_mac, ep->pod_mac);
 	mac_copy(host_mac, ep->host_mac);

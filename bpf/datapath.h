@@ -445,6 +445,157 @@ struct {
 } lb_svc_cidr_v1 SEC(".maps");
 
 /*
+ * NetworkPolicy (ebpf-cni-agent's policy controller fills these; see
+ * internal/agent/policy). Every address the agent knows maps to a peer: an
+ * identity (a namespace and label set, or a reserved one) and a CIDR class
+ * (which ipBlocks of the policies it falls in). Each local pod enforcing a
+ * direction points at a policy set: LPM entries (set, peer, direction,
+ * protocol, port prefix) that allow. A new flow costs one ipcache lookup
+ * and at most three policy lookups per direction, whatever the number of
+ * policies; its packets after the first cost one conntrack lookup.
+ */
+enum policy_identity {
+	ID_ANY = 0,   /* a rule for any peer (no from/to) */
+	ID_HOST = 1,  /* an address of this node: always allowed */
+	ID_WORLD = 2, /* an address the ipcache does not know */
+	ID_FIRST = 256,
+};
+
+/* Value of ipcache_v1 (LPM, keyed by lpm_key): what a peer address is. */
+struct peer_info {
+	enum policy_identity identity; /* reserved, or a pod identity (>= ID_FIRST) */
+	__u32 cidr_class;              /* ipBlocks it belongs to (0: none), its own ID space */
+};
+
+enum policy_dir {
+	POLICY_INGRESS = 1,
+	POLICY_EGRESS = 2,
+};
+
+/*
+ * Key of policy_v1 (LPM). prefixlen counts from set: 72 bits fix set, peer
+ * and direction (a rule without ports), 80 the protocol too (a protocol
+ * without a port), up to 96 a port range as a prefix of dport.
+ */
+struct policy_key {
+	__u32 prefixlen;
+	__u32 set;
+	__u32 peer;  /* identity, CIDR class or ID_ANY */
+	__u8 dir;    /* enum policy_dir */
+	__u8 proto;
+	__be16 dport;
+};
+
+struct policy_entry {
+	__u32 rule; /* which policy and rule allowed (the agent's index; events) */
+};
+
+enum ep_policy_flags {
+	POL_INGRESS = 1 << 0, /* isolated for ingress: set_in decides */
+	POL_EGRESS = 1 << 1,  /* isolated for egress: set_out decides */
+	POL_PENDING = 1 << 2, /* a new pod of a namespace with policies, not
+				 programmed yet: only its node may talk to it */
+};
+
+/* Value of ep_policy_v1, keyed by host veth ifindex. No entry: the pod is
+ * not isolated. */
+struct ep_policy {
+	enum policy_identity identity;
+	__u32 set_in;
+	__u32 set_out;
+	enum ep_policy_flags flags;
+};
+
+enum ct_flags {
+	CT_REPLY = 1 << 0,   /* a packet of the other direction was seen */
+	CT_CLOSING = 1 << 1, /* a FIN or RST was seen */
+};
+
+/* Value of ct_v1 (LRU), keyed by the flow_key of the first packet. */
+struct ct_entry {
+	__u64 seen_ns;
+	enum ct_flags flags;
+	__u32 pad;
+};
+
+/* Value of policy_stats_v1 (per CPU), keyed by host veth ifindex. */
+struct policy_stats {
+	__u64 ingress_allowed; /* new flows */
+	__u64 ingress_denied;  /* packets */
+	__u64 egress_allowed;
+	__u64 egress_denied;
+};
+
+enum drop_why {
+	WHY_POLICY = 1,  /* no rule allows it */
+	WHY_PENDING = 2, /* the pod's policy is not programmed yet */
+};
+
+/* A record of policy_events_v1 (ring buffer): one denied packet. */
+struct policy_event {
+	__u64 ts_ns;
+	__u32 ifindex;   /* the pod's host veth */
+	__u32 identity;  /* the peer's */
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 pad[2];
+	enum policy_dir dir; /* whose policy denied: the pod's ingress or egress */
+	enum drop_why why;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_key);
+	__type(value, struct peer_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ipcache_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct policy_key);
+	__type(value, struct policy_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct ep_policy);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ep_policy_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct flow_key);
+	__type(value, struct ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ct_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct policy_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy_stats_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy_events_v1 SEC(".maps");
+
+/*
  * Per-CPU scratch space for the tc programs' larger temporaries (the BPF
  * stack is 512 bytes for a whole call chain). Not pinned, not versioned:
  * each build has its own, and nothing outlives one program run.

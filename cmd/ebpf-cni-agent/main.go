@@ -28,6 +28,7 @@ import (
 
 	"github.com/ebpf-cni/ebpf-cni/internal/agent"
 	"github.com/ebpf-cni/ebpf-cni/internal/agent/datapath"
+	"github.com/ebpf-cni/ebpf-cni/internal/agent/policy"
 	"github.com/ebpf-cni/ebpf-cni/internal/agent/routes"
 	"github.com/ebpf-cni/ebpf-cni/internal/agent/services"
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
@@ -49,7 +50,8 @@ func main() {
 	resync := flag.Duration("resync", 30*time.Second, "reconcile period from the informer caches (repairs state removed by hand)")
 	pinRoot := flag.String("pin-root", "/sys/fs/bpf/ebpf-cni", "the plugin's pin root (VXLAN mode keeps its tunnel map there; repairs use it)")
 	which := flag.String("controllers", "routes,datapath", "controllers to run: routes (Node objects: needs the API server), "+
-		"datapath (repairs pods' datapath from their records), services (Kubernetes Services in BPF, replacing kube-proxy: needs the API server)")
+		"datapath (repairs pods' datapath from their records), services (Kubernetes Services in BPF, replacing kube-proxy: needs the API server), "+
+		"policy (NetworkPolicies in BPF: needs the API server)")
 	repairEvery := flag.Duration("repair-interval", 2*time.Second, "how often the datapath controller checks the pods' datapath")
 	var serviceCIDRs prefixList
 	flag.Var(&serviceCIDRs, "service-cidrs", "services: the cluster's Service ranges, comma-separated (added to those of ServiceCIDR objects): addresses in them no Service has are refused")
@@ -126,6 +128,16 @@ func run(log *slog.Logger, kubeconfig, metricsAddr, pinRoot string, which []stri
 				return err
 			}
 			controllers = append(controllers, svc)
+		case "policy":
+			client, err := kube()
+			if err != nil {
+				return err
+			}
+			pc, err := policy.New(log, client, policy.Config{PinRoot: pinRoot, StateDir: dc.StateDir}, reg)
+			if err != nil {
+				return err
+			}
+			controllers = append(controllers, pc)
 		case "routes":
 			client, err := kube()
 			if err != nil {
@@ -145,7 +157,7 @@ func run(log *slog.Logger, kubeconfig, metricsAddr, pinRoot string, which []stri
 			}
 			controllers = append(controllers, dp)
 		default:
-			return fmt.Errorf("-controllers: unknown controller %q (routes, datapath, services)", name)
+			return fmt.Errorf("-controllers: unknown controller %q (routes, datapath, services, policy)", name)
 		}
 	}
 

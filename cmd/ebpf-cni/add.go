@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -132,8 +133,16 @@ func cmdAdd(args *skel.CmdArgs, conf *config.NetConf) (_ types.Result, retErr er
 	if err := m.PutDevice(host.Index, dev); err != nil {
 		return nil, err
 	}
-	undo.add(func() error { return m.DeleteDevice(host.Index, podMAC) })
+	undo.add(func() error { return m.DeleteDevice(host.Index, podMAC) }) // its policy entry too
 	killpoint.At("add-device")
+	if pending(conf.StateDir, owner.PodNamespace) {
+		// NetworkPolicy: a new pod of a namespace with policies is isolated
+		// (only its node may talk to it) until ebpf-cni-agent programmed
+		// its policy; it is so before its first packet.
+		if err := m.PutEPPolicy(host.Index, maps.EPPolicy{Flags: maps.PolPending}); err != nil {
+			return nil, err
+		}
+	}
 	mode, err := progs.Attach(host.Index, host.Name, loader.Mode(conf.Attach))
 	if err != nil {
 		return nil, err
@@ -252,4 +261,15 @@ func defaultMTU() int {
 func isDefault(n *net.IPNet) bool {
 	ones, _ := n.Mask.Size()
 	return ones == 0
+}
+
+// pending reports whether a new pod of namespace starts isolated: its
+// namespace has NetworkPolicies (the agent's hand-off says so), or the
+// hand-off cannot be read (fail closed: the agent rewrites it).
+func pending(stateDir, namespace string) bool {
+	pol, err := node.ReadPolicy(stateDir)
+	if err != nil {
+		return true
+	}
+	return slices.Contains(pol.Namespaces, namespace)
 }

@@ -48,6 +48,20 @@ type DatapathClusterInfo struct {
 	Flags uint32
 }
 
+type DatapathCtEntry struct {
+	_      structs.HostLayout
+	SeenNs uint64
+	Flags  DatapathCtFlags
+	Pad    uint32
+}
+
+type DatapathCtFlags uint32
+
+const (
+	DatapathCtFlagsCT_REPLY   DatapathCtFlags = 1
+	DatapathCtFlagsCT_CLOSING DatapathCtFlags = 2
+)
+
 type DatapathDeviceInfo struct {
 	_       structs.HostLayout
 	PodMac  [6]uint8
@@ -56,6 +70,13 @@ type DatapathDeviceInfo struct {
 	Ipv4    [4]uint8
 	Ipv6    [16]uint8
 }
+
+type DatapathDropWhy uint32
+
+const (
+	DatapathDropWhyWHY_POLICY  DatapathDropWhy = 1
+	DatapathDropWhyWHY_PENDING DatapathDropWhy = 2
+)
 
 type DatapathEndpointInfo struct {
 	_       structs.HostLayout
@@ -107,6 +128,22 @@ const (
 	DatapathEpFlagsEP_FLAG_SHAPED     DatapathEpFlags = 4
 	DatapathEpFlagsEP_FLAG_HOST_FLOWS DatapathEpFlags = 8
 	DatapathEpFlagsEP_FLAG_LB_BACKEND DatapathEpFlags = 16
+)
+
+type DatapathEpPolicy struct {
+	_        structs.HostLayout
+	Identity DatapathPolicyIdentity
+	SetIn    uint32
+	SetOut   uint32
+	Flags    DatapathEpPolicyFlags
+}
+
+type DatapathEpPolicyFlags uint32
+
+const (
+	DatapathEpPolicyFlagsPOL_INGRESS DatapathEpPolicyFlags = 1
+	DatapathEpPolicyFlagsPOL_EGRESS  DatapathEpPolicyFlags = 2
+	DatapathEpPolicyFlagsPOL_PENDING DatapathEpPolicyFlags = 4
 )
 
 type DatapathFlowInfo struct {
@@ -191,6 +228,67 @@ type DatapathNodeStats struct {
 type DatapathNodeaddrInfo struct {
 	_     structs.HostLayout
 	Flags uint32
+}
+
+type DatapathPeerInfo struct {
+	_         structs.HostLayout
+	Identity  DatapathPolicyIdentity
+	CidrClass uint32
+}
+
+type DatapathPolicyDir uint32
+
+const (
+	DatapathPolicyDirPOLICY_INGRESS DatapathPolicyDir = 1
+	DatapathPolicyDirPOLICY_EGRESS  DatapathPolicyDir = 2
+)
+
+type DatapathPolicyEntry struct {
+	_    structs.HostLayout
+	Rule uint32
+}
+
+type DatapathPolicyEvent struct {
+	_        structs.HostLayout
+	TsNs     uint64
+	Ifindex  uint32
+	Identity uint32
+	Saddr    [16]uint8
+	Daddr    [16]uint8
+	Sport    uint16
+	Dport    uint16
+	Proto    uint8
+	Family   uint8
+	Pad      [2]uint8
+	Dir      DatapathPolicyDir
+	Why      DatapathDropWhy
+}
+
+type DatapathPolicyIdentity uint32
+
+const (
+	DatapathPolicyIdentityID_ANY   DatapathPolicyIdentity = 0
+	DatapathPolicyIdentityID_HOST  DatapathPolicyIdentity = 1
+	DatapathPolicyIdentityID_WORLD DatapathPolicyIdentity = 2
+	DatapathPolicyIdentityID_FIRST DatapathPolicyIdentity = 256
+)
+
+type DatapathPolicyKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Set       uint32
+	Peer      uint32
+	Dir       uint8
+	Proto     uint8
+	Dport     uint16
+}
+
+type DatapathPolicyStats struct {
+	_              structs.HostLayout
+	IngressAllowed uint64
+	IngressDenied  uint64
+	EgressAllowed  uint64
+	EgressDenied   uint64
 }
 
 type DatapathSnatInfo struct {
@@ -318,10 +416,13 @@ type DatapathProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type DatapathMapSpecs struct {
 	ClusterV1         *ebpf.MapSpec `ebpf:"cluster_v1"`
+	CtV1              *ebpf.MapSpec `ebpf:"ct_v1"`
 	DevicesV1         *ebpf.MapSpec `ebpf:"devices_v1"`
 	EndpointsV1       *ebpf.MapSpec `ebpf:"endpoints_v1"`
+	EpPolicyV1        *ebpf.MapSpec `ebpf:"ep_policy_v1"`
 	EpStatsV2         *ebpf.MapSpec `ebpf:"ep_stats_v2"`
 	HostFlowsV1       *ebpf.MapSpec `ebpf:"host_flows_v1"`
+	IpcacheV1         *ebpf.MapSpec `ebpf:"ipcache_v1"`
 	LbAffinityMatchV1 *ebpf.MapSpec `ebpf:"lb_affinity_match_v1"`
 	LbAffinityV1      *ebpf.MapSpec `ebpf:"lb_affinity_v1"`
 	LbBackendsV1      *ebpf.MapSpec `ebpf:"lb_backends_v1"`
@@ -334,6 +435,9 @@ type DatapathMapSpecs struct {
 	LbSvcV1           *ebpf.MapSpec `ebpf:"lb_svc_v1"`
 	NatGuardV1        *ebpf.MapSpec `ebpf:"nat_guard_v1"`
 	NodeStatsV1       *ebpf.MapSpec `ebpf:"node_stats_v1"`
+	PolicyEventsV1    *ebpf.MapSpec `ebpf:"policy_events_v1"`
+	PolicyStatsV1     *ebpf.MapSpec `ebpf:"policy_stats_v1"`
+	PolicyV1          *ebpf.MapSpec `ebpf:"policy_v1"`
 	Scratch           *ebpf.MapSpec `ebpf:"scratch"`
 	TunnelV1          *ebpf.MapSpec `ebpf:"tunnel_v1"`
 }
@@ -365,10 +469,13 @@ func (o *DatapathObjects) Close() error {
 // It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DatapathMaps struct {
 	ClusterV1         *ebpf.Map `ebpf:"cluster_v1"`
+	CtV1              *ebpf.Map `ebpf:"ct_v1"`
 	DevicesV1         *ebpf.Map `ebpf:"devices_v1"`
 	EndpointsV1       *ebpf.Map `ebpf:"endpoints_v1"`
+	EpPolicyV1        *ebpf.Map `ebpf:"ep_policy_v1"`
 	EpStatsV2         *ebpf.Map `ebpf:"ep_stats_v2"`
 	HostFlowsV1       *ebpf.Map `ebpf:"host_flows_v1"`
+	IpcacheV1         *ebpf.Map `ebpf:"ipcache_v1"`
 	LbAffinityMatchV1 *ebpf.Map `ebpf:"lb_affinity_match_v1"`
 	LbAffinityV1      *ebpf.Map `ebpf:"lb_affinity_v1"`
 	LbBackendsV1      *ebpf.Map `ebpf:"lb_backends_v1"`
@@ -381,6 +488,9 @@ type DatapathMaps struct {
 	LbSvcV1           *ebpf.Map `ebpf:"lb_svc_v1"`
 	NatGuardV1        *ebpf.Map `ebpf:"nat_guard_v1"`
 	NodeStatsV1       *ebpf.Map `ebpf:"node_stats_v1"`
+	PolicyEventsV1    *ebpf.Map `ebpf:"policy_events_v1"`
+	PolicyStatsV1     *ebpf.Map `ebpf:"policy_stats_v1"`
+	PolicyV1          *ebpf.Map `ebpf:"policy_v1"`
 	Scratch           *ebpf.Map `ebpf:"scratch"`
 	TunnelV1          *ebpf.Map `ebpf:"tunnel_v1"`
 }
@@ -388,10 +498,13 @@ type DatapathMaps struct {
 func (m *DatapathMaps) Close() error {
 	return _DatapathClose(
 		m.ClusterV1,
+		m.CtV1,
 		m.DevicesV1,
 		m.EndpointsV1,
+		m.EpPolicyV1,
 		m.EpStatsV2,
 		m.HostFlowsV1,
+		m.IpcacheV1,
 		m.LbAffinityMatchV1,
 		m.LbAffinityV1,
 		m.LbBackendsV1,
@@ -404,6 +517,9 @@ func (m *DatapathMaps) Close() error {
 		m.LbSvcV1,
 		m.NatGuardV1,
 		m.NodeStatsV1,
+		m.PolicyEventsV1,
+		m.PolicyStatsV1,
+		m.PolicyV1,
 		m.Scratch,
 		m.TunnelV1,
 	)

@@ -111,6 +111,12 @@ func TestMapSizes(t *testing.T) {
 		{MapNAT, DatapathFlowKey{}, DatapathNatEntry{}},
 		{MapLBStats, uint32(0), DatapathLbStats{}},
 		{MapSvcCIDR, DatapathLpmKey{}, DatapathClusterInfo{}},
+		{MapIPCache, DatapathLpmKey{}, DatapathPeerInfo{}},
+		{MapPolicy, DatapathPolicyKey{}, DatapathPolicyEntry{}},
+		{MapEPPolicy, uint32(0), DatapathEpPolicy{}},
+		{MapCT, DatapathFlowKey{}, DatapathCtEntry{}},
+		{MapPolicyStats, uint32(0), DatapathPolicyStats{}},
+		{MapPolicyEvents, nil, nil}, // a ring buffer: records of DatapathPolicyEvent
 	}
 	var pinned []string
 	for name, m := range spec.Maps {
@@ -126,6 +132,12 @@ func TestMapSizes(t *testing.T) {
 			m, ok := spec.Maps[tt.name]
 			if !ok {
 				t.Fatalf("no map %s in the object", tt.name)
+			}
+			if tt.key == nil {
+				if m.Type != ebpf.RingBuf || m.Pinning != ebpf.PinByName {
+					t.Errorf("map %s: %s, pinning %d; want a pinned ring buffer", tt.name, m.Type, m.Pinning)
+				}
+				return
 			}
 			if got, want := m.KeySize, reflect.TypeOf(tt.key).Size(); uintptr(got) != want {
 				t.Errorf("KeySize = %d, Go key %T is %d bytes", got, tt.key, want)

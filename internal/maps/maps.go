@@ -260,6 +260,10 @@ func (m *Maps) PutDevice(ifindex int, d Device) error {
 	if err := m.d.EpStatsV2.Put(&key, zero); err != nil {
 		return fmt.Errorf("reset counters of ifindex %d: %w", ifindex, err)
 	}
+	pzero := make([]PolicyStats, ebpf.MustPossibleCPU())
+	if err := m.d.PolicyStatsV1.Put(&key, pzero); err != nil {
+		return fmt.Errorf("reset policy counters of ifindex %d: %w", ifindex, err)
+	}
 	return nil
 }
 
@@ -317,8 +321,9 @@ func (m *Maps) DeleteDevice(ifindex int, podMAC net.HardwareAddr) error {
 	}
 	key := uint32(ifindex)
 	var errs []error
-	// The counters first: the device entry is what makes them someone's.
-	for _, mp := range []*ebpf.Map{m.d.EpStatsV2, m.d.DevicesV1} {
+	// The counters and policy first: the device entry is what makes them
+	// someone's.
+	for _, mp := range []*ebpf.Map{m.d.EpStatsV2, m.d.PolicyStatsV1, m.d.EpPolicyV1, m.d.DevicesV1} {
 		if err := mp.Delete(&key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			errs = append(errs, fmt.Errorf("delete ifindex %d from %s: %w", ifindex, mp, err))
 		}
@@ -347,6 +352,18 @@ func (m *Maps) SweepStats(keepNode func(ifindex int) bool) error {
 			errs = append(errs, err)
 		}
 	}
+	// Policy counters and entries of host veths without a device entry.
+	var pol loader.DatapathEpPolicy
+	var pst []PolicyStats
+	for mp, v := range map[*ebpf.Map]any{m.d.PolicyStatsV1: &pst, m.d.EpPolicyV1: &pol} {
+		keys, err := orphanKeys(mp, v, m.d.DevicesV1)
+		errs = append(errs, err)
+		for _, k := range keys {
+			if err := mp.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				errs = append(errs, err)
+			}
+		}
+	}
 	stale = stale[:0]
 	var nper []NodeStats
 	nit := m.d.NodeStatsV1.Iterate()
@@ -362,6 +379,21 @@ func (m *Maps) SweepStats(keepNode func(ifindex int) bool) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// orphanKeys lists the ifindex keys of mp that devices has no entry for;
+// v receives mp's values.
+func orphanKeys(mp *ebpf.Map, v any, devices *ebpf.Map) ([]uint32, error) {
+	var out []uint32
+	var k uint32
+	it := mp.Iterate()
+	for it.Next(&k, v) {
+		var d loader.DatapathDeviceInfo
+		if err := devices.Lookup(&k, &d); errors.Is(err, ebpf.ErrKeyNotExist) {
+			out = append(out, k)
+		}
+	}
+	return out, it.Err()
 }
 
 // Stats sums the per-CPU counters of the endpoint behind ifindex.
@@ -557,4 +589,23 @@ func (m *Maps) Guarded(ip netip.Addr, port uint16, proto uint8) (bool, error) {
 // htons puts a port in the network byte order the datapath keys use.
 func htons(p uint16) uint16 {
 	return binary.NativeEndian.Uint16(binary.BigEndian.AppendUint16(nil, p))
+}
+
+// Current reports whether the maps pinned under root are still the ones m
+// opened: false once the pins were removed and the datapath re-created (a
+// repair), when a holder of m must reopen and program everything again.
+func (m *Maps) Current(root string) bool {
+	pinned, err := ebpf.LoadPinnedMap(filepath.Join(root, loader.MapEndpoints), nil)
+	if err != nil {
+		return false
+	}
+	defer pinned.Close()
+	a, errA := pinned.Info()
+	b, errB := m.d.EndpointsV1.Info()
+	if errA != nil || errB != nil {
+		return false
+	}
+	ida, _ := a.ID()
+	idb, _ := b.ID()
+	return ida == idb
 }

@@ -71,3 +71,42 @@ func BootID() string {
 	}
 	return strings.TrimSpace(string(b))
 }
+
+// PolicyFileName is the policy hand-off inside the state directory: which
+// namespaces have NetworkPolicies (ebpf-cni-agent's policy controller
+// writes it; ADD isolates a new pod of those namespaces until the agent
+// programmed its policy), and which policies select each local pod (for
+// `ebpf-cni inspect`).
+const PolicyFileName = "policy.json"
+
+// Policy is the policy hand-off.
+type Policy struct {
+	Namespaces []string            `json:"namespaces"`
+	Selecting  map[string][]string `json:"selecting,omitempty"` // "ns/pod" -> "ns/policy"
+}
+
+// ReadPolicy loads the policy hand-off; an empty Policy when no policy
+// controller ever ran.
+func ReadPolicy(stateDir string) (Policy, error) {
+	var p Policy
+	data, err := os.ReadFile(filepath.Join(stateDir, PolicyFileName))
+	if errors.Is(err, os.ErrNotExist) {
+		return p, nil
+	}
+	if err != nil {
+		return p, fmt.Errorf("read policy file: %w", err)
+	}
+	if err := json.Unmarshal(data, &p); err != nil {
+		return p, fmt.Errorf("decode %s: %w", PolicyFileName, err)
+	}
+	return p, nil
+}
+
+// WritePolicy replaces the policy hand-off atomically.
+func WritePolicy(stateDir string, p Policy) error {
+	data, err := json.MarshalIndent(p, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode policy file: %w", err)
+	}
+	return atomicfile.Write(filepath.Join(stateDir, PolicyFileName), data, 0o644)
+}

@@ -138,7 +138,11 @@ func addTree(tw *tar.Writer, dir string, dirs map[string]bool) error {
 		if err != nil {
 			return err
 		}
-		hdr := &tar.Header{Name: filepath.ToSlash(rel), Mode: int64(info.Mode().Perm()), ModTime: epoch}
+		mode := int64(info.Mode().Perm())
+		if info.Mode()&os.ModeSticky != 0 {
+			mode |= 0o1000 // /tmp
+		}
+		hdr := &tar.Header{Name: filepath.ToSlash(rel), Mode: mode, ModTime: epoch}
 		switch {
 		case d.IsDir():
 			hdr.Typeflag, hdr.Name = tar.TypeDir, hdr.Name+"/"

@@ -312,6 +312,16 @@ func (c *Controller) open() error {
 func (c *Controller) reconcile() {
 	start := time.Now()
 	var errs []error
+	if c.dp != nil && !c.dp.Current(c.cfg.PinRoot) {
+		// The datapath was re-created (pins lost, then repaired): its
+		// maps are empty; open them and program every Service again.
+		c.log.Warn("the datapath's maps were re-created; programming them anew")
+		c.mu.Lock()
+		c.progs.Close()
+		c.dp.Close()
+		c.dp, c.progs, c.ap, c.ready = nil, nil, nil, false
+		c.mu.Unlock()
+	}
 	if c.ap == nil {
 		if err := c.open(); err != nil {
 			c.finish(start, false, err)
