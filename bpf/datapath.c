@@ -1174,7 +1174,9 @@ int to_pod(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	/* NetworkPolicy: the pod's ingress for what the host stack delivers,
 	 * but for what a socket of the host sends (the node is allowed). */
-	if (!skb->sk && policy_check(&fk, &p, 0, ifindex) < 0)
+	if (skb->sk)
+		policy_from_host(&fk, &p, ifindex);
+	else if (policy_check(&fk, &p, 0, ifindex) < 0)
 		return TC_ACT_SHOT;
 	/* From a pod (here or on another node), yet delivered by the host
 	 * stack rather than redirected: the host may have rewritten the flow

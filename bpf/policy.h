@@ -218,3 +218,11 @@ static __attribute__((noinline)) int policy_check(const struct flow_key *fk, con
 	ct_track(fk);
 	return 0;
 }
+
+/* A packet a host socket sends to a pod: allowed (its node), and tracked
+ * when the pod is isolated, so the pod's replies pass its egress policy. */
+static __always_inline void policy_from_host(const struct flow_key *fk, const struct parsed *p, __u32 dst)
+{
+	if (bpf_map_lookup_elem(&ep_policy_v1, &dst) && !ct_known(fk, p->tcp_flags))
+		ct_track(fk);
+}

@@ -5,6 +5,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"slices"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/ebpf-cni/ebpf-cni/internal/config"
@@ -33,6 +35,12 @@ func runCLI(argv []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 		return 0
+	case "monitor":
+		if err := monitor(argv[1:], stdout, stderr); err != nil {
+			fmt.Fprintln(stderr, "ebpf-cni monitor:", err)
+			return 1
+		}
+		return 0
 	case "version", "--version":
 		fmt.Fprintf(stdout, "ebpf-cni (datapath %s) CNI %v\n", loader.Tag(), config.SupportedVersions.SupportedVersions())
 		return 0
@@ -40,6 +48,7 @@ func runCLI(argv []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "usage: ebpf-cni inspect [--json] [--pin-root DIR] [--state-dir DIR] [--ipam-dir DIR]\n"+
 			"       ebpf-cni uninstall [--pin-root DIR] [--state-dir DIR]\n"+
 			"       ebpf-cni repair|upgrade [--pin-root DIR] [--state-dir DIR]\n"+
+			"       ebpf-cni monitor [--json] [-n COUNT] [--timeout D] [--pin-root DIR] [--state-dir DIR]\n"+
 			"       ebpf-cni version\n(run by a container runtime, CNI_COMMAND selects the CNI verb)\n")
 		return 2
 	}
@@ -86,6 +95,26 @@ func inspect(argv []string, stdout, stderr io.Writer) error {
 	}
 	if err := tw.Flush(); err != nil {
 		return err
+	}
+	if slices.ContainsFunc(rep.Endpoints, func(v endpoint.View) bool { return v.Policy.Ingress || v.Policy.Egress || v.Policy.Pending }) {
+		fmt.Fprintln(stdout)
+		fmt.Fprintln(tw, "IP\tPOD\tISOLATED\tINGRESS allowed/denied\tEGRESS allowed/denied\tSELECTED BY")
+		for _, v := range rep.Endpoints {
+			p := v.Policy
+			iso := map[bool]string{true: "ingress", false: ""}[p.Ingress]
+			if p.Egress {
+				iso = strings.TrimPrefix(iso+",egress", ",")
+			}
+			if p.Pending {
+				iso = "pending"
+			}
+			c := p.Counters
+			fmt.Fprintf(tw, "%s\t%s/%s\t%s\t%d/%d\t%d/%d\t%s\n", v.IP, dash(v.PodNamespace), dash(v.PodName), dash(iso),
+				c.IngressAllowed, c.IngressDenied, c.EgressAllowed, c.EgressDenied, dash(strings.Join(p.Selecting, ",")))
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
 	}
 	if len(rep.Devices) > 0 {
 		fmt.Fprintln(stdout)

@@ -13,6 +13,7 @@ import (
 	"github.com/ebpf-cni/ebpf-cni/internal/ipam"
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 	"github.com/ebpf-cni/ebpf-cni/internal/maps"
+	"github.com/ebpf-cni/ebpf-cni/internal/node"
 	"github.com/ebpf-cni/ebpf-cni/internal/veth"
 )
 
@@ -32,6 +33,19 @@ type View struct {
 	PodName      string              `json:"podName,omitempty"`
 	Attachments  []loader.Attachment `json:"attachments"`
 	Counters     maps.Stats          `json:"counters"`
+	// Policy is the pod's NetworkPolicy state: isolation and counters,
+	// and the policies selecting it (from the agent's hand-off).
+	Policy PolicyView `json:"policy"`
+}
+
+// PolicyView is a pod's NetworkPolicy state.
+type PolicyView struct {
+	Ingress   bool             `json:"ingressIsolated"`
+	Egress    bool             `json:"egressIsolated"`
+	Pending   bool             `json:"pending"`
+	Identity  uint32           `json:"identity,omitempty"`
+	Selecting []string         `json:"selectedBy,omitempty"`
+	Counters  maps.PolicyStats `json:"counters"`
 }
 
 // Report is everything `ebpf-cni inspect` shows of a node.
@@ -151,6 +165,8 @@ func endpointViews(m *maps.Maps, pinRoot, stateDir, ipamDir string) ([]View, err
 		}
 	}
 
+	pols, _ := m.EPPolicies()
+	handOff, _ := node.ReadPolicy(stateDir)
 	out := []View{}
 	for _, ep := range eps {
 		v := View{
@@ -173,6 +189,12 @@ func endpointViews(m *maps.Maps, pinRoot, stateDir, ipamDir string) ([]View, err
 		}
 		v.Attachments, _ = loader.Attached(pinRoot, ep.Ifindex, v.HostVeth)
 		v.Counters, _ = m.Stats(ep.Ifindex)
+		if p, ok := pols[ep.Ifindex]; ok {
+			v.Policy = PolicyView{Ingress: p.Flags&maps.PolIngress != 0, Egress: p.Flags&maps.PolEgress != 0,
+				Pending: p.Flags&maps.PolPending != 0, Identity: p.Identity}
+		}
+		v.Policy.Selecting = handOff.Selecting[v.PodNamespace+"/"+v.PodName]
+		v.Policy.Counters, _ = m.PolicyStats(ep.Ifindex)
 		out = append(out, v)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].IP.Less(out[j].IP) })

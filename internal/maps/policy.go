@@ -278,6 +278,20 @@ func OpenEvents(root string) (*Events, error) {
 	return &Events{rd: rd, m: m}, nil
 }
 
+// Events reads the drop events of m's datapath.
+func (m *Maps) Events() (*Events, error) {
+	c, err := m.d.PolicyEventsV1.Clone()
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", loader.MapPolicyEvents, err)
+	}
+	rd, err := ringbuf.NewReader(c)
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("read %s: %w", loader.MapPolicyEvents, err)
+	}
+	return &Events{rd: rd, m: c}, nil
+}
+
 // SetDeadline makes Read return os.ErrDeadlineExceeded after t.
 func (e *Events) SetDeadline(t time.Time) { e.rd.SetDeadline(t) }
 

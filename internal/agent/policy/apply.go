@@ -27,12 +27,14 @@ type Applier struct {
 	peers  map[netip.Prefix]maps.Peer
 	sets   map[uint32][]maps.Rule
 	eps    map[int]maps.EPPolicy
+	seen   map[int]bool // local pods met before (a new one may hold the plugin's pending entry)
 	writes int
 }
 
 // NewApplier returns an applier over t; Restore tells it what t holds.
 func NewApplier(t Table) *Applier {
-	return &Applier{t: t, peers: map[netip.Prefix]maps.Peer{}, sets: map[uint32][]maps.Rule{}, eps: map[int]maps.EPPolicy{}}
+	return &Applier{t: t, peers: map[netip.Prefix]maps.Peer{}, sets: map[uint32][]maps.Rule{}, eps: map[int]maps.EPPolicy{},
+		seen: map[int]bool{}}
 }
 
 // Restore loads what the maps hold (an agent restart): the first Apply
@@ -52,10 +54,15 @@ func (a *Applier) Restore(peers map[netip.Prefix]maps.Peer, rules []maps.Rule, e
 // Writes is the number of map writes made so far.
 func (a *Applier) Writes() int { return a.writes }
 
-// Apply makes the maps st. managed says which ifindexes are this node's
-// pods: an entry of another ifindex (a pod the plugin just added, pending)
-// is left alone.
-func (a *Applier) Apply(st State, managed func(ifindex int) bool) error {
+// Apply makes the maps st. local lists this node's pods (host veth
+// ifindexes): an entry of another ifindex (a pod the plugin is adding,
+// pending) is left alone; a local pod met for the first time loses the
+// pending entry ADD gave it unless st isolates it.
+func (a *Applier) Apply(st State, local []int) error {
+	managed := map[int]bool{}
+	for _, idx := range local {
+		managed[idx] = true
+	}
 	var errs []error
 	for id, rules := range st.Sets {
 		if _, ok := a.sets[id]; ok {
@@ -83,11 +90,24 @@ func (a *Applier) Apply(st State, managed func(ifindex int) bool) error {
 		a.eps[idx] = v
 		a.writes++
 	}
-	for idx := range a.eps {
-		if _, ok := st.Endpoints[idx]; !ok && managed(idx) {
+	for idx := range managed {
+		_, want := st.Endpoints[idx]
+		_, have := a.eps[idx]
+		if !want && (have || !a.seen[idx]) {
 			errs = append(errs, a.t.DeleteEPPolicy(idx))
 			delete(a.eps, idx)
 			a.writes++
+		}
+		a.seen[idx] = true
+	}
+	for idx := range a.seen {
+		if !managed[idx] {
+			delete(a.seen, idx) // gone: an ifindex may come back for a new pod
+		}
+	}
+	for idx := range a.eps {
+		if _, ok := st.Endpoints[idx]; !ok && !managed[idx] {
+			delete(a.eps, idx) // its pod is gone; DEL removed the entry
 		}
 	}
 	for p := range a.peers {

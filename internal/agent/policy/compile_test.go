@@ -257,7 +257,7 @@ func TestApplyDiffs(t *testing.T) {
 	if len(st.Sets) != 1 || st.Endpoints[1].SetIn != st.Endpoints[2].SetIn {
 		t.Fatalf("two pods with the same policy: sets %v, endpoints %v", st.Sets, st.Endpoints)
 	}
-	all := func(int) bool { return true }
+	all := []int{1, 2}
 	if err := ap.Apply(st, all); err != nil {
 		t.Fatal(err)
 	}

@@ -239,10 +239,10 @@ func (c *Controller) sync() error {
 	if in.Policies, err = c.pols.List(labels.Everything()); err != nil {
 		return err
 	}
-	if in.Locals, err = locals(c.cfg.StateDir); err != nil {
+	if in.Locals, err = Locals(c.cfg.StateDir); err != nil {
 		return err
 	}
-	if in.NodeAddrs, err = localAddrs(); err != nil {
+	if in.NodeAddrs, err = NodeAddrs(); err != nil {
 		return err
 	}
 	st, invalid := c.comp.Compile(in)
@@ -252,9 +252,9 @@ func (c *Controller) sync() error {
 			c.log.Warn("policy not compiled", "err", e)
 		}
 	}
-	managed := map[int]bool{}
+	var local []int
 	for _, l := range in.Locals {
-		managed[l.Ifindex] = true
+		local = append(local, l.Ifindex)
 	}
 	// The hand-off first: a pod added from now on in a namespace that just
 	// got its first policy starts pending.
@@ -262,7 +262,7 @@ func (c *Controller) sync() error {
 		return err
 	}
 	before := c.ap.Writes()
-	err = c.ap.Apply(st, func(ifindex int) bool { return managed[ifindex] })
+	err = c.ap.Apply(st, local)
 	c.m.writes.Add(float64(c.ap.Writes() - before))
 	c.m.policies.Set(float64(len(in.Policies)))
 	c.m.identities.Set(float64(len(st.Peers)))
@@ -294,9 +294,9 @@ func (c *Controller) handOff(st State) error {
 	return nil
 }
 
-// locals are this node's pods from the plugin's endpoint records (of this
+// Locals are this node's pods from the plugin's endpoint records (of this
 // boot, with their host veth in place).
-func locals(stateDir string) ([]Local, error) {
+func Locals(stateDir string) ([]Local, error) {
 	var out []Local
 	var errs []error
 	for _, n := range endpoint.Networks(stateDir) {
@@ -312,8 +312,8 @@ func locals(stateDir string) ([]Local, error) {
 	return out, errors.Join(errs...)
 }
 
-// localAddrs are the node's own addresses (its identity is the host's).
-func localAddrs() ([]netip.Addr, error) {
+// NodeAddrs are the node's own addresses (its identity is the host's).
+func NodeAddrs() ([]netip.Addr, error) {
 	all, err := nl.AddrList(nil, netlink.FAMILY_ALL)
 	if err != nil {
 		return nil, fmt.Errorf("list addresses: %w", err)
