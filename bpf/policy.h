@@ -34,12 +34,7 @@ static __always_inline int ct_known(const struct flow_key *fk, __u8 tcp_flags)
 	if (!e) {
 		struct flow_key rev = {};
 
-		__builtin_memcpy(rev.saddr, fk->daddr, 16);
-		__builtin_memcpy(rev.daddr, fk->saddr, 16);
-		rev.sport = fk->dport;
-		rev.dport = fk->sport;
-		rev.proto = fk->proto;
-		rev.family = fk->family;
+		reverse(&rev, fk);
 		e = bpf_map_lookup_elem(&ct_v1, &rev);
 		reply = 1;
 	}

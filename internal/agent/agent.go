@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -82,4 +83,67 @@ func (k Kick) Loop(ctx context.Context, resync time.Duration, reconcile func()) 
 		}
 		reconcile()
 	}
+}
+
+// Health is a controller's answer to /healthz: unready until a complete
+// reconcile succeeded (the first one that covered everything), then the
+// error of the last reconcile.
+type Health struct {
+	mu      sync.Mutex
+	ready   bool
+	err     error
+	pending string // why it is not ready yet
+}
+
+// NewHealth returns an unready Health; pending says what it waits for.
+func NewHealth(pending string) *Health { return &Health{pending: pending} }
+
+// Healthy implements Controller.Healthy.
+func (h *Health) Healthy() error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.ready && h.err == nil {
+		return errors.New(h.pending)
+	}
+	return h.err
+}
+
+// Record keeps the outcome of a reconcile; complete: it covered all there
+// is (a successful one makes the controller ready). It reports whether
+// this one did so for the first time.
+func (h *Health) Record(err error, complete bool) (first bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.err = err
+	if err == nil && complete && !h.ready {
+		h.ready = true
+		return true
+	}
+	return false
+}
+
+// Ready reports whether a complete reconcile succeeded since the start
+// (or the last Reset).
+func (h *Health) Ready() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.ready
+}
+
+// Reset makes the controller unready until its next complete reconcile
+// (what it programmed is gone: the datapath was re-created).
+func (h *Health) Reset() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.ready = false
+}
+
+// Register registers a controller's metrics with reg.
+func Register(reg prometheus.Registerer, what string, cols ...prometheus.Collector) error {
+	for _, col := range cols {
+		if err := reg.Register(col); err != nil {
+			return fmt.Errorf("register %s metrics: %w", what, err)
+		}
+	}
+	return nil
 }

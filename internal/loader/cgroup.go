@@ -11,8 +11,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
-
-	"github.com/ebpf-cni/ebpf-cni/internal/flock"
 )
 
 // The socket programs (bpf/sock.h) run for the processes of one cgroup v2
@@ -78,14 +76,11 @@ func (p *Programs) AttachCgroup(dir string) error {
 	if err != nil {
 		return err
 	}
-	unlock, err := flock.Acquire(p.root, flock.DefaultWait)
+	unlock, err := p.lockLinks()
 	if err != nil {
-		return fmt.Errorf("lock pin root: %w", err)
+		return err
 	}
 	defer unlock()
-	if err := os.MkdirAll(LinkDir(p.root), 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", LinkDir(p.root), err)
-	}
 	for _, h := range cgroupHooks {
 		pin := cgroupPin(p.root, h.prog)
 		prog := p.byName(h.prog)

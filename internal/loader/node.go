@@ -93,14 +93,11 @@ func (p *Programs) AttachNode(d NodeDevice) error {
 	if p.NodeAttached(d) {
 		return nil
 	}
-	unlock, err := flock.Acquire(p.root, flock.DefaultWait)
+	unlock, err := p.lockLinks()
 	if err != nil {
-		return fmt.Errorf("lock pin root: %w", err)
+		return err
 	}
 	defer unlock()
-	if err := os.MkdirAll(LinkDir(p.root), 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", LinkDir(p.root), err)
-	}
 	for _, h := range d.Role.hooks() {
 		pin := nodePin(p.root, d.Name, h.dir)
 		prog := p.nodeProg(d.Role, h)
@@ -247,4 +244,18 @@ func SweepNodes(root string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// lockLinks takes the pin root's lock for node-wide attachments and makes
+// sure the link pin directory exists.
+func (p *Programs) lockLinks() (func(), error) {
+	unlock, err := flock.Acquire(p.root, flock.DefaultWait)
+	if err != nil {
+		return nil, fmt.Errorf("lock pin root: %w", err)
+	}
+	if err := os.MkdirAll(LinkDir(p.root), 0o700); err != nil {
+		unlock()
+		return nil, fmt.Errorf("create %s: %w", LinkDir(p.root), err)
+	}
+	return unlock, nil
 }

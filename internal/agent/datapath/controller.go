@@ -13,13 +13,12 @@ package datapath
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/ebpf-cni/ebpf-cni/internal/agent"
 	"github.com/ebpf-cni/ebpf-cni/internal/endpoint"
 )
 
@@ -37,10 +36,7 @@ type Controller struct {
 
 	repairs, errs prometheus.Counter
 	broken        prometheus.Gauge
-
-	mu  sync.Mutex
-	err error
-	ran bool
+	*agent.Health
 }
 
 // New registers the controller's metrics with reg.
@@ -51,27 +47,13 @@ func New(log *slog.Logger, cfg Config, reg prometheus.Registerer) (*Controller, 
 		repairs: prometheus.NewCounter(prometheus.CounterOpts{Name: "ebpf_cni_agent_datapath_repairs_total", Help: "Pod attachments whose datapath was restored from their records."}),
 		errs:    prometheus.NewCounter(prometheus.CounterOpts{Name: "ebpf_cni_agent_datapath_errors_total", Help: "Repair passes that failed."}),
 		broken:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "ebpf_cni_agent_datapath_broken_pods", Help: "Live pods whose datapath was incomplete at the last check."}),
+		Health:  agent.NewHealth("no check yet"),
 	}
-	for _, col := range []prometheus.Collector{c.repairs, c.errs, c.broken} {
-		if err := reg.Register(col); err != nil {
-			return nil, fmt.Errorf("register datapath metrics: %w", err)
-		}
-	}
-	return c, nil
+	return c, agent.Register(reg, "datapath", c.repairs, c.errs, c.broken)
 }
 
 // Name implements agent.Controller.
 func (c *Controller) Name() string { return "datapath" }
-
-// Healthy implements agent.Controller.
-func (c *Controller) Healthy() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if !c.ran {
-		return fmt.Errorf("no check yet")
-	}
-	return c.err
-}
 
 // Run implements agent.Controller.
 func (c *Controller) Run(ctx context.Context) {
@@ -105,8 +87,6 @@ func (c *Controller) Reconcile() error {
 		c.errs.Inc()
 		c.log.Error("repair", "err", err)
 	}
-	c.mu.Lock()
-	c.ran, c.err = true, err
-	c.mu.Unlock()
+	c.Record(err, true)
 	return err
 }

@@ -21,7 +21,6 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -68,9 +67,7 @@ type Controller struct {
 	kick    agent.Kick
 	m       metrics
 
-	mu    sync.Mutex
-	err   error
-	ready bool
+	*agent.Health // ready: the policies programmed once
 
 	// Owned by the reconcile loop.
 	dp        *maps.Maps
@@ -95,7 +92,7 @@ func New(log *slog.Logger, client kubernetes.Interface, cfg Config, reg promethe
 	f := informers.NewSharedInformerFactory(client, 0)
 	pods, nss, pols := f.Core().V1().Pods(), f.Core().V1().Namespaces(), f.Networking().V1().NetworkPolicies()
 	c := &Controller{log: log.With("controller", "policy"), cfg: cfg, factory: f, pods: pods.Lister(), nss: nss.Lister(),
-		pols: pols.Lister(), kick: agent.NewKick(), comp: NewCompiler(),
+		pols: pols.Lister(), kick: agent.NewKick(), comp: NewCompiler(), Health: agent.NewHealth("policies not programmed yet"),
 		synced: []cache.InformerSynced{pods.Informer().HasSynced, nss.Informer().HasSynced, pols.Informer().HasSynced}}
 	poke := func(any) { c.kick.Poke() }
 	h := cache.ResourceEventHandlerFuncs{AddFunc: poke, UpdateFunc: func(_, n any) { poke(n) }, DeleteFunc: poke}
@@ -120,30 +117,12 @@ func New(log *slog.Logger, client kubernetes.Interface, cfg Config, reg promethe
 		duration: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "ebpf_cni_agent_policy_sync_seconds",
 			Help: "Duration of a policy compile and apply.", Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10)}),
 	}
-	for _, col := range []prometheus.Collector{c.m.syncs, c.m.syncErrors, c.m.writes, c.m.ctExpired, c.m.invalid, c.m.policies,
-		c.m.identities, c.m.sets, c.m.isolated, c.m.duration} {
-		if err := reg.Register(col); err != nil {
-			return nil, fmt.Errorf("register policy metrics: %w", err)
-		}
-	}
-	return c, nil
+	return c, agent.Register(reg, "policy", c.m.syncs, c.m.syncErrors, c.m.writes, c.m.ctExpired, c.m.invalid, c.m.policies,
+		c.m.identities, c.m.sets, c.m.isolated, c.m.duration)
 }
 
 // Name implements agent.Controller.
 func (c *Controller) Name() string { return "policy" }
-
-// Healthy implements agent.Controller.
-func (c *Controller) Healthy() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if !c.ready {
-		if c.err != nil {
-			return c.err
-		}
-		return errors.New("policies not programmed yet")
-	}
-	return c.err
-}
 
 // Run implements agent.Controller.
 func (c *Controller) Run(ctx context.Context) {
@@ -198,13 +177,7 @@ func (c *Controller) reconcile() {
 	err := c.sync()
 	c.m.syncs.Inc()
 	c.m.duration.Observe(time.Since(start).Seconds())
-	c.mu.Lock()
-	first := err == nil && !c.ready
-	if err == nil {
-		c.ready = true
-	}
-	c.err = err
-	c.mu.Unlock()
+	first := c.Record(err, true)
 	if err != nil {
 		c.m.syncErrors.Inc()
 		c.log.Error("reconcile", "err", err)

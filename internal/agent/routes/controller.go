@@ -91,9 +91,8 @@ type Controller struct {
 	kick   agent.Kick
 	m      metrics
 
+	*agent.Health
 	mu      sync.Mutex
-	err     error     // of the last reconcile; nil when it succeeded
-	ran     bool      // a reconcile has run
 	written node.Info // the node file as last written (rewritten only on change)
 }
 
@@ -110,7 +109,8 @@ func New(log *slog.Logger, factory informers.SharedInformerFactory, dp Dataplane
 		return nil, fmt.Errorf("mode %q: want native or vxlan", cfg.Mode)
 	}
 	inf := factory.Core().V1().Nodes()
-	c := &Controller{log: log.With("controller", "routes"), cfg: cfg, nodes: inf.Lister(), synced: inf.Informer().HasSynced, dp: dp, kick: agent.NewKick()}
+	c := &Controller{log: log.With("controller", "routes"), cfg: cfg, nodes: inf.Lister(), synced: inf.Informer().HasSynced, dp: dp,
+		kick: agent.NewKick(), Health: agent.NewHealth("no reconcile yet")}
 	if _, err := inf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { c.kick.Poke() },
 		UpdateFunc: func(any, any) { c.kick.Poke() },
@@ -128,26 +128,11 @@ func New(log *slog.Logger, factory informers.SharedInformerFactory, dp Dataplane
 		peerCIDRs: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "ebpf_cni_agent_peer_pod_cidrs", Help: "Pod CIDRs routed to each other node."},
 			[]string{"node", "node_ip", "mode"}),
 	}
-	for _, col := range []prometheus.Collector{c.m.syncs, c.m.syncErrors, c.m.added, c.m.removed, c.m.lastSync, c.m.peerCIDRs} {
-		if err := reg.Register(col); err != nil {
-			return nil, fmt.Errorf("register route metrics: %w", err)
-		}
-	}
-	return c, nil
+	return c, agent.Register(reg, "route", c.m.syncs, c.m.syncErrors, c.m.added, c.m.removed, c.m.lastSync, c.m.peerCIDRs)
 }
 
 // Name implements agent.Controller.
 func (c *Controller) Name() string { return "routes" }
-
-// Healthy implements agent.Controller.
-func (c *Controller) Healthy() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if !c.ran {
-		return errors.New("no reconcile yet")
-	}
-	return c.err
-}
 
 // Run implements agent.Controller.
 func (c *Controller) Run(ctx context.Context) {
@@ -206,9 +191,7 @@ func (c *Controller) writeNode(p Plan) error {
 }
 
 func (c *Controller) record(p Plan, added, removed int, err error) {
-	c.mu.Lock()
-	c.ran, c.err = true, err
-	c.mu.Unlock()
+	c.Record(err, true)
 	c.m.syncs.Inc()
 	c.m.lastSync.SetToCurrentTime()
 	c.m.added.Add(float64(added))

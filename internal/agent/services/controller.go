@@ -79,11 +79,11 @@ type Controller struct {
 	kick      agent.Kick
 	m         metrics
 
+	*agent.Health // ready: every Service programmed once
+
 	mu        sync.Mutex
 	dirty     map[string]bool
 	nodeDirty bool
-	err       error // of the last reconcile
-	ready     bool  // the first full sync is done
 
 	// Owned by the reconcile loop.
 	dp       *maps.Maps
@@ -126,7 +126,7 @@ func New(log *slog.Logger, client kubernetes.Interface, cfg Config, reg promethe
 	c := &Controller{log: log.With("controller", "services"), cfg: cfg, factories: []informers.SharedInformerFactory{proxied, own},
 		svcs: svcInf.Lister(), eps: epInf.Informer().GetIndexer(), nodes: nodeInf.Lister(), kick: agent.NewKick(),
 		synced: []cache.InformerSynced{svcInf.Informer().HasSynced, epInf.Informer().HasSynced, nodeInf.Informer().HasSynced},
-		dirty:  map[string]bool{}}
+		dirty:  map[string]bool{}, Health: agent.NewHealth("Services not programmed yet")}
 	if err := epInf.Informer().AddIndexers(cache.Indexers{byService: func(obj any) ([]string, error) {
 		s, ok := obj.(*discoveryv1.EndpointSlice)
 		if !ok {
@@ -210,38 +210,18 @@ func New(log *slog.Logger, client kubernetes.Interface, cfg Config, reg promethe
 			return float64(get(s))
 		})
 	}
-	for _, col := range []prometheus.Collector{c.m.syncs, c.m.syncErrors, c.m.writes, c.m.natExpired, c.m.skipped, c.m.services,
+	return c, agent.Register(reg, "service", c.m.syncs, c.m.syncErrors, c.m.writes, c.m.natExpired, c.m.skipped, c.m.services,
 		c.m.frontends, c.m.backends, c.m.duration,
 		stats("ebpf_cni_datapath_service_connections_total", "Connections and datagrams of this node's sockets sent to a Service backend.",
 			func(s maps.LBStats) uint64 { return s.SockTranslated }),
 		stats("ebpf_cni_datapath_service_refused_total", "Connections to a Service without a backend, refused.",
 			func(s maps.LBStats) uint64 { return s.SockRefused }),
 		stats("ebpf_cni_datapath_nodeport_flows_total", "Flows from outside translated to a NodePort or external IP backend.",
-			func(s maps.LBStats) uint64 { return s.NodeportNew }),
-	} {
-		if err := reg.Register(col); err != nil {
-			return nil, fmt.Errorf("register service metrics: %w", err)
-		}
-	}
-	return c, nil
+			func(s maps.LBStats) uint64 { return s.NodeportNew }))
 }
 
 // Name implements agent.Controller.
 func (c *Controller) Name() string { return "services" }
-
-// Healthy implements agent.Controller: nil once every Service was
-// programmed and while reconciles succeed.
-func (c *Controller) Healthy() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if !c.ready {
-		if c.err != nil {
-			return c.err
-		}
-		return errors.New("Services not programmed yet")
-	}
-	return c.err
-}
 
 // Run implements agent.Controller.
 func (c *Controller) Run(ctx context.Context) {
@@ -264,14 +244,6 @@ func (c *Controller) Run(ctx context.Context) {
 	}
 	c.mu.Unlock()
 	c.log.Info("stopping; the Service maps and hooks stay in place")
-}
-
-// Reconcile runs one reconcile now (tests).
-func (c *Controller) Reconcile() error {
-	c.reconcile()
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.err
 }
 
 // open loads the datapath if no ADD did yet, opens its maps and restores
@@ -319,8 +291,9 @@ func (c *Controller) reconcile() {
 		c.mu.Lock()
 		c.progs.Close()
 		c.dp.Close()
-		c.dp, c.progs, c.ap, c.ready = nil, nil, nil, false
+		c.dp, c.progs, c.ap = nil, nil, nil
 		c.mu.Unlock()
+		c.Reset()
 	}
 	if c.ap == nil {
 		if err := c.open(); err != nil {
@@ -331,8 +304,8 @@ func (c *Controller) reconcile() {
 	c.mu.Lock()
 	dirty, nodeDirty := c.dirty, c.nodeDirty
 	c.dirty, c.nodeDirty = map[string]bool{}, false
-	full := !c.ready || time.Since(c.lastFull) >= c.cfg.Resync
 	c.mu.Unlock()
+	full := !c.Ready() || time.Since(c.lastFull) >= c.cfg.Resync
 	if full {
 		all, err := c.svcs.List(labels.Everything())
 		errs = append(errs, err)
@@ -378,13 +351,7 @@ func (c *Controller) finish(start time.Time, fullDone bool, err error) {
 		c.m.frontends.Set(float64(c.ap.Frontends()))
 		c.m.backends.Set(float64(c.ap.Backends()))
 	}
-	c.mu.Lock()
-	first := fullDone && !c.ready
-	if fullDone {
-		c.ready = true
-	}
-	c.err = err
-	c.mu.Unlock()
+	first := c.Record(err, fullDone)
 	if err != nil {
 		c.m.syncErrors.Inc()
 		c.log.Error("reconcile", "err", err)
@@ -460,19 +427,8 @@ func (c *Controller) syncNode() error {
 			snat[ip.Is6()] = ip
 		}
 	}
-	var errs []error
 	have, err := c.dp.NodeAddrs()
-	errs = append(errs, err)
-	for _, a := range addrs {
-		if !slices.Contains(have, a) {
-			errs = append(errs, c.dp.PutNodeAddr(a))
-		}
-	}
-	for _, a := range have {
-		if !slices.Contains(addrs, a) {
-			errs = append(errs, c.dp.DeleteNodeAddr(a))
-		}
-	}
+	errs := []error{err, converge(have, addrs, c.dp.PutNodeAddr, c.dp.DeleteNodeAddr)}
 	errs = append(errs, c.dp.SetSNAT(snat[false], false), c.dp.SetSNAT(snat[true], true))
 	c.nodeIPs = addrs
 	return errors.Join(errs...)
@@ -513,15 +469,20 @@ func (c *Controller) syncRanges() error {
 	if err != nil {
 		return err
 	}
+	return converge(have, want, c.dp.PutServiceCIDR, c.dp.DeleteServiceCIDR)
+}
+
+// converge adds what want has and have lacks, and deletes the reverse.
+func converge[T comparable](have, want []T, put, del func(T) error) error {
 	var errs []error
-	for _, p := range want {
-		if !slices.Contains(have, p) {
-			errs = append(errs, c.dp.PutServiceCIDR(p))
+	for _, x := range want {
+		if !slices.Contains(have, x) {
+			errs = append(errs, put(x))
 		}
 	}
-	for _, p := range have {
-		if !slices.Contains(want, p) {
-			errs = append(errs, c.dp.DeleteServiceCIDR(p))
+	for _, x := range have {
+		if !slices.Contains(want, x) {
+			errs = append(errs, del(x))
 		}
 	}
 	return errors.Join(errs...)
