@@ -316,6 +316,59 @@ static __always_inline int quoted_guard(struct __sk_buff *skb, struct guard_key 
 	}
 }
 
+/* Conntrack lookups (kfuncs; nf_conntrack built in or loaded). The types
+ * carry the kernel's names: kfunc prototypes are checked against its BTF. */
+struct nf_conn {
+	unsigned long status;
+};
+struct bpf_ct_opts {
+	__s32 netns_id;
+	__s32 error;
+	__u8 l4proto;
+	__u8 dir;
+	__u16 ct_zone_id;
+	__u8 ct_zone_dir;
+	__u8 reserved[3];
+};
+extern struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *skb, struct bpf_sock_tuple *tuple, __u32 tuple__sz,
+					 struct bpf_ct_opts *opts, __u32 opts__sz) __ksym;
+extern void bpf_ct_release(struct nf_conn *ct) __ksym;
+
+/*
+ * Whether the host's conntrack tracks the flow of fk: a flow the host
+ * handled (and may have NATed, the port included, which nat_guard_v1
+ * cannot know) must keep going through it. Not inlined: its tuple and
+ * options stay off the callers' stacks.
+ */
+static __attribute__((noinline)) int host_tracked(struct __sk_buff *skb, const struct flow_key *fk)
+{
+	struct bpf_ct_opts opts = {.netns_id = -1, .l4proto = fk->proto};
+	struct bpf_sock_tuple t = {};
+	struct nf_conn *ct;
+	__u32 len;
+
+	if (fk->proto != IPPROTO_TCP && fk->proto != IPPROTO_UDP)
+		return 0;
+	if (fk->family == EP_FAMILY_IPV4) {
+		__builtin_memcpy(&t.ipv4.saddr, fk->saddr, 4);
+		__builtin_memcpy(&t.ipv4.daddr, fk->daddr, 4);
+		t.ipv4.sport = fk->sport;
+		t.ipv4.dport = fk->dport;
+		len = sizeof(t.ipv4);
+	} else {
+		__builtin_memcpy(t.ipv6.saddr, fk->saddr, 16);
+		__builtin_memcpy(t.ipv6.daddr, fk->daddr, 16);
+		t.ipv6.sport = fk->sport;
+		t.ipv6.dport = fk->dport;
+		len = sizeof(t.ipv6);
+	}
+	ct = bpf_skb_ct_lookup(skb, &t, len, &opts, sizeof(opts));
+	if (!ct)
+		return 0;
+	bpf_ct_release(ct);
+	return 1;
+}
+
 #include "policy.h"
 
 /*
@@ -935,8 +988,13 @@ static __always_inline int route_pod(struct __sk_buff *skb, __be16 proto, void *
 
 		if (fresh && fk.sport && !bpf_map_lookup_elem(&nat_guard_v1, &g)) {
 			struct flow_info fi = {.seen_ns = bpf_ktime_get_ns()};
+			struct endpoint_info *self;
 
 			bpf_map_update_elem(&nat_guard_v1, &g, &fi, BPF_ANY);
+			__builtin_memcpy(key.addr, fk.saddr, 16);
+			self = bpf_map_lookup_elem(&endpoints_v1, &key);
+			if (self && !(self->flags & EP_FLAG_HOST_NAT))
+				self->flags |= EP_FLAG_HOST_NAT; /* only ever set: no atomic needed */
 		}
 		return TC_ACT_UNSPEC;
 	}
@@ -1286,6 +1344,10 @@ int from_node(struct __sk_buff *skb)
 		guard_key_of(&g, fk.family, fk.daddr, fk.dport, fk.proto);
 		if (bpf_map_lookup_elem(&nat_guard_v1, &g))
 			return TC_ACT_UNSPEC; /* a reply the host must un-NAT */
+		/* The host may have moved the pod's port too (conntrack picks
+		 * another source port when a NATed tuple is taken): ask it. */
+		if ((ep->flags & EP_FLAG_HOST_NAT) && host_tracked(skb, &fk))
+			return TC_ACT_UNSPEC;
 	}
 	if (p.ttl <= 1)
 		return TC_ACT_UNSPEC;

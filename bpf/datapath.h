@@ -29,6 +29,11 @@ enum ep_flags {
 					NodePort or external flow to this pod:
 					only then from_pod looks its replies up
 					in lb_nat_v1 */
+	EP_FLAG_HOST_NAT = 1 << 5,   /* endpoints_v1: set by from_pod once this
+					pod sent a flow through the host to
+					outside the cluster ranges (which the
+					host may NAT): only then from_node asks
+					conntrack about what it would redirect */
 };
 
 /* Key of endpoints_v1: a pod address. IPv4 uses addr[0..3], the rest is zero. */

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"syscall"
@@ -15,7 +16,9 @@ import (
 // emulated cluster (ci/checks.sh): `probe serve ADDR` echoes and prints the
 // peer of every connection; `probe dial ADDR` connects, exchanges a line and
 // prints the address the server saw (so masquerade is visible); `probe
-// connect ADDR` only completes a TCP handshake and prints the peer.
+// whoami ADDR` serves "<hostname> <client address>" (which backend of a
+// Service answered); `probe connect ADDR` only completes a TCP handshake
+// and prints the peer.
 //
 // UDP, with datagrams larger than an MTU (fragments): `probe udp-serve ADDR
 // SIZE` answers every datagram with SIZE bytes starting with the sender's
@@ -34,7 +37,7 @@ func probe(args []string) error {
 		return udpDial(args[1], size)
 	}
 	if len(args) != 2 {
-		return fmt.Errorf("usage: ebpf-cni-agent probe serve|dial|connect ADDR, probe udp-serve|udp-dial ADDR SIZE")
+		return fmt.Errorf("usage: ebpf-cni-agent probe serve|whoami|dial|connect ADDR, probe udp-serve|udp-dial ADDR SIZE")
 	}
 	switch args[0] {
 	case "serve":
@@ -52,6 +55,21 @@ func probe(args []string) error {
 				c.SetDeadline(time.Now().Add(10 * time.Second))
 				fmt.Fprintf(c, "%s\n", c.RemoteAddr().(*net.TCPAddr).IP)
 			}()
+		}
+	case "whoami":
+		// Like serve, naming the server too: "<hostname> <client address>".
+		host, _ := os.Hostname()
+		ln, err := net.Listen("tcp", args[1])
+		if err != nil {
+			return err
+		}
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(c, "%s %s\n", host, c.RemoteAddr().(*net.TCPAddr).IP)
+			c.Close()
 		}
 	case "connect":
 		// Only the TCP handshake (a server that speaks first or TLS).
@@ -75,7 +93,7 @@ func probe(args []string) error {
 		fmt.Print(string(seen))
 		return nil
 	}
-	return fmt.Errorf("probe %q: want serve, dial, connect, udp-serve or udp-dial", args[0])
+	return fmt.Errorf("probe %q: want serve, whoami, dial, connect, udp-serve or udp-dial", args[0])
 }
 
 func udpServe(addr string, size int) error {

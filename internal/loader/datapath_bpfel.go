@@ -128,6 +128,7 @@ const (
 	DatapathEpFlagsEP_FLAG_SHAPED     DatapathEpFlags = 4
 	DatapathEpFlagsEP_FLAG_HOST_FLOWS DatapathEpFlags = 8
 	DatapathEpFlagsEP_FLAG_LB_BACKEND DatapathEpFlags = 16
+	DatapathEpFlagsEP_FLAG_HOST_NAT   DatapathEpFlags = 32
 )
 
 type DatapathEpPolicy struct {

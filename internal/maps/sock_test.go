@@ -170,7 +170,7 @@ func dial(network, addr string) (string, string, error) {
 	return string(b), c.RemoteAddr().String(), err
 }
 
-var vip = netip.MustParseAddr("10.96.7.7")
+var vip = netip.MustParseAddr("172.31.97.7")
 
 func TestSockConnectTranslates(t *testing.T) {
 	e := newSockEnv(t)
@@ -181,11 +181,11 @@ func TestSockConnectTranslates(t *testing.T) {
 			netip.MustParseAddrPort("127.0.0.1:8083"))
 		seen := map[string]int{}
 		for range 60 {
-			got, peer, err := dial("tcp", "10.96.7.7:80")
+			got, peer, err := dial("tcp", "172.31.97.7:80")
 			if err != nil {
 				t.Fatalf("connect to the Service: %v", err)
 			}
-			if peer != "10.96.7.7:80" {
+			if peer != "172.31.97.7:80" {
 				t.Fatalf("getpeername = %s, want the Service address", peer)
 			}
 			seen[got]++
@@ -210,13 +210,13 @@ func TestSockRefusals(t *testing.T) {
 	e.service(t, maps.Frontend{Addr: vip, Port: 80, Proto: syscall.IPPROTO_TCP, Scope: maps.ScopeInt}, 0, 0)
 	e.service(t, maps.Frontend{Addr: vip, Port: 53, Proto: syscall.IPPROTO_UDP, Scope: maps.ScopeInt}, 0, 0)
 	e.service(t, maps.Frontend{Addr: vip, Scope: maps.ScopeInt}, maps.SvcAddress, 0)
-	must(t, e.m.PutServiceCIDR(netip.MustParsePrefix("10.96.0.0/16")))
+	must(t, e.m.PutServiceCIDR(netip.MustParsePrefix("172.31.0.0/16")))
 	e.in(t, func() {
 		for _, c := range []struct{ network, addr, what string }{
-			{"tcp", "10.96.7.7:80", "TCP to a Service without endpoints"},
-			{"udp", "10.96.7.7:53", "UDP connect to a Service without endpoints"},
-			{"tcp", "10.96.7.7:81", "a port the Service address does not serve"},
-			{"tcp", "10.96.9.9:80", "an address of the Service range no Service has"},
+			{"tcp", "172.31.97.7:80", "TCP to a Service without endpoints"},
+			{"udp", "172.31.97.7:53", "UDP connect to a Service without endpoints"},
+			{"tcp", "172.31.97.7:81", "a port the Service address does not serve"},
+			{"tcp", "172.31.99.9:80", "an address of the Service range no Service has"},
 		} {
 			start := time.Now()
 			_, _, err := dial(c.network, c.addr)
@@ -231,7 +231,7 @@ func TestSockRefusals(t *testing.T) {
 		pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
 		must(t, err)
 		defer pc.Close()
-		if _, err := pc.WriteTo([]byte("x"), net.UDPAddrFromAddrPort(netip.MustParseAddrPort("10.96.7.7:53"))); !errors.Is(err, syscall.ECONNREFUSED) {
+		if _, err := pc.WriteTo([]byte("x"), net.UDPAddrFromAddrPort(netip.MustParseAddrPort("172.31.97.7:53"))); !errors.Is(err, syscall.ECONNREFUSED) {
 			t.Errorf("sendto a Service without endpoints: %v, want ECONNREFUSED", err)
 		}
 	})
@@ -273,11 +273,11 @@ func TestSockUDP(t *testing.T) {
 		udpEcho(t, "udp6", "[::1]:5302")
 		buf := make([]byte, 100)
 		for _, c := range []struct{ network, local, svc, backend string }{
-			{"udp4", "127.0.0.1:0", "10.96.7.7:53", "127.0.0.1:5301"},
+			{"udp4", "127.0.0.1:0", "172.31.97.7:53", "127.0.0.1:5301"},
 			{"udp6", "[::1]:0", "[fd00:96::7]:53", "[::1]:5302"},
 			// a dual-stack socket talking IPv4 (v4-mapped: connect6,
 			// sendmsg4, recvmsg6)
-			{"udp", ":0", "10.96.7.7:53", "127.0.0.1:5301"},
+			{"udp", ":0", "172.31.97.7:53", "127.0.0.1:5301"},
 		} {
 			// Unconnected: sendto the Service, the reply's source is the Service.
 			pc, err := net.ListenPacket(c.network, c.local)
@@ -322,7 +322,7 @@ func TestSockUDPRefusedBackendPort(t *testing.T) {
 	e.service(t, maps.Frontend{Addr: vip, Port: 53, Proto: syscall.IPPROTO_UDP, Scope: maps.ScopeInt}, 0, 0,
 		netip.MustParseAddrPort("127.0.0.1:5399")) // nobody listens
 	e.in(t, func() {
-		conn, err := net.Dial("udp", "10.96.7.7:53")
+		conn, err := net.Dial("udp", "172.31.97.7:53")
 		must(t, err)
 		defer conn.Close()
 		buf := make([]byte, 10)
@@ -349,10 +349,10 @@ func TestSockAffinityAndNodePort(t *testing.T) {
 		maps.SvcNodePort, 0, backends[2])
 	e.in(t, func() {
 		tcpServers(t, "127.0.0.1:8091", "127.0.0.1:8092", "127.0.0.1:8093")
-		first, _, err := dial("tcp", "10.96.7.7:80")
+		first, _, err := dial("tcp", "172.31.97.7:80")
 		must(t, err)
 		for range 30 {
-			got, _, err := dial("tcp", "10.96.7.7:80")
+			got, _, err := dial("tcp", "172.31.97.7:80")
 			must(t, err)
 			if got != first {
 				t.Fatalf("session affinity: a connection went to %s after %s", got, first)

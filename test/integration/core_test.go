@@ -205,7 +205,7 @@ func TestTwoPodsSameNode(t *testing.T) {
 	}
 }
 
-// A Service on the node: the host DNATs 10.96.0.10:80 to pod b:8080, as
+// A Service on the node: the host DNATs 172.31.96.10:80 to pod b:8080, as
 // kube-proxy does. Pod a reaches it through the host; b's replies must go
 // back through the host too (conntrack undoes the DNAT), not by redirect,
 // or a would see answers from b's own address and reset the connection.
@@ -215,7 +215,7 @@ func TestServiceDNATToLocalPod(t *testing.T) {
 	a, b := n.newNS(), n.newNS()
 	n.add(a)
 	n.add(b)
-	vip := netip.MustParseAddrPort("10.96.0.10:80")
+	vip := netip.MustParseAddrPort("172.31.96.10:80")
 	target := netip.AddrPortFrom(b.ip(false), 8080)
 	table := strings.ReplaceAll(n.name, "-", "_") + "_svc"
 	script := fmt.Sprintf("table ip %s {\n chain pre {\n  type nat hook prerouting priority dstnat;\n  ip daddr %s tcp dport %d dnat to %s\n }\n}\n",

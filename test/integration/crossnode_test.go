@@ -191,7 +191,7 @@ func crossNode(t *testing.T, mode string, i int) {
 	// replies arrive at n1's uplink for p1 and must go through n1's
 	// conntrack to be un-DNATed, not be redirected into p1; a direct
 	// connection afterwards takes the fast path again.
-	vip := netip.MustParseAddrPort("10.96.7.7:80")
+	vip := netip.MustParseAddrPort("172.31.97.7:80")
 	target := netip.AddrPortFrom(p2.ip(false), 8080)
 	script := fmt.Sprintf("table ip ebt_svc {\n chain pre {\n  type nat hook prerouting priority dstnat;\n  ip daddr %s tcp dport %d dnat to %s\n }\n}\n",
 		vip.Addr(), vip.Port(), target)
@@ -207,6 +207,21 @@ func crossNode(t *testing.T, mode string, i int) {
 	}
 	if err := tcpVia(p1.path, p2.path, target, netip.AddrPort{}, nil); err != nil {
 		t.Fatalf("direct connection after the Service ones: %v", err)
+	}
+	// Conntrack moves the pod's port: a second Service with the same
+	// backend, dialled from the source port the first one just used (its
+	// entry still there), gets another source port on the wire; the
+	// backend's replies to that port must still go through n1's conntrack.
+	script2 := fmt.Sprintf("table ip ebt_svc {\n chain pre {\n  ip daddr 172.31.97.8 tcp dport 80 dnat to %s\n }\n}\n", target)
+	nftIn2 := exec.Command("ip", "netns", "exec", n1.ns, "nft", "-f", "-")
+	nftIn2.Stdin = strings.NewReader(script2)
+	if out, err := nftIn2.CombinedOutput(); err != nil {
+		t.Fatalf("nft in %s: %v: %s", n1.ns, err, out)
+	}
+	for _, vip := range []string{"172.31.97.7:80", "172.31.97.8:80"} {
+		if err := echoFromPort(p1.path, p2.path, target, netip.MustParseAddrPort(vip), 40404); err != nil {
+			t.Fatalf("from port 40404 to %s (same backend as the previous one): %v", vip, err)
+		}
 	}
 
 	// Leaving the cluster ranges: the host path, masqueraded to the node's
@@ -406,4 +421,47 @@ func newForwardCounterIn(t *testing.T, netns, tag, src string) *forwardCounter {
 		t.Fatalf("nft add counter in %s: %v: %s", netns, err, out)
 	}
 	return &forwardCounter{t: t, table: table, netns: netns}
+}
+
+// echoFromPort is tcpVia from a fixed source port, closed with a reset (so
+// the port is free again at once while conntrack still holds the flow).
+func echoFromPort(src, dst string, listen, dial netip.AddrPort, port int) error {
+	var ln net.Listener
+	if err := inNS(dst, func() error {
+		var err error
+		ln, err = net.Listen("tcp", listen.String())
+		return err
+	}); err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			io.Copy(c, io.LimitReader(c, 5))
+			c.Close()
+		}
+	}()
+	var c net.Conn
+	if err := inNS(src, func() error {
+		var err error
+		d := net.Dialer{Timeout: 3 * time.Second, LocalAddr: &net.TCPAddr{Port: port}}
+		c, err = d.Dial("tcp", dial.String())
+		return err
+	}); err != nil {
+		return fmt.Errorf("dial %s: %w", dial, err)
+	}
+	defer func() {
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+	}()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write([]byte("hello")); err != nil {
+		return err
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		return fmt.Errorf("read echo: %w", err)
+	}
+	return nil
 }

@@ -148,23 +148,23 @@ func TestServicesSocketLB(t *testing.T) {
 		serveIn(t, p, "serve", ":8080")
 		serveIn(t, p, "udp-serve", ":5353", "3000")
 	}
-	program(svcObjects("web", "10.96.100.10",
+	program(svcObjects("web", "172.31.100.10",
 		[]corev1.ServicePort{{Name: "http", Port: 80, Protocol: corev1.ProtocolTCP}, {Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}},
 		map[string]int32{"http": 8080, "dns": 5353}, b.ip(false), c.ip(false)))
-	program(svcObjects("closed", "10.96.100.11", []corev1.ServicePort{{Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}},
+	program(svcObjects("closed", "172.31.100.11", []corev1.ServicePort{{Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}},
 		map[string]int32{"dns": 5999}, b.ip(false)))
-	program(svcObjects("empty", "10.96.100.12", []corev1.ServicePort{{Name: "http", Port: 80, Protocol: corev1.ProtocolTCP}}, nil))
+	program(svcObjects("empty", "172.31.100.12", []corev1.ServicePort{{Name: "http", Port: 80, Protocol: corev1.ProtocolTCP}}, nil))
 
 	before := n.inspect()[a.ip(false)].Counters
 	seenBackends := map[string]bool{}
 	for i := range 20 {
-		out, err := probeCmd(a, cg, "dial", "10.96.100.10:80").CombinedOutput()
+		out, err := probeCmd(a, cg, "dial", "172.31.100.10:80").CombinedOutput()
 		if err != nil || strings.TrimSpace(string(out)) != a.ip(false).String() {
 			t.Fatalf("pod -> ClusterIP, connection %d: %v %q (want the server to see %s)", i, err, out, a.ip(false))
 		}
-		out, err = probeCmd(a, cg, "udp-dial", "10.96.100.10:53", "2000").CombinedOutput()
+		out, err = probeCmd(a, cg, "udp-dial", "172.31.100.10:53", "2000").CombinedOutput()
 		f := strings.Fields(string(out))
-		if err != nil || len(f) != 3 || f[0] != "3000" || f[1] != a.ip(false).String() || f[2] != "10.96.100.10:53" {
+		if err != nil || len(f) != 3 || f[0] != "3000" || f[1] != a.ip(false).String() || f[2] != "172.31.100.10:53" {
 			t.Fatalf("pod -> ClusterIP UDP, 2000 bytes out, 3000 back (fragments both ways): %v %q", err, out)
 		}
 		seenBackends[f[1]] = true
@@ -182,26 +182,26 @@ func TestServicesSocketLB(t *testing.T) {
 		t.Errorf("pod -> pod UDP in fragments: %v %q", err, out)
 	}
 	start := time.Now()
-	if out, err := probeCmd(a, cg, "udp-dial", "10.96.100.11:53", "100").CombinedOutput(); err == nil || !strings.Contains(string(out), "connection refused") {
+	if out, err := probeCmd(a, cg, "udp-dial", "172.31.100.11:53", "100").CombinedOutput(); err == nil || !strings.Contains(string(out), "connection refused") {
 		t.Errorf("UDP to a ClusterIP whose backend port is closed: %v %q, want connection refused", err, out)
 	}
-	if out, err := probeCmd(a, cg, "dial", "10.96.100.12:80").CombinedOutput(); err == nil || !strings.Contains(string(out), "connection refused") {
+	if out, err := probeCmd(a, cg, "dial", "172.31.100.12:80").CombinedOutput(); err == nil || !strings.Contains(string(out), "connection refused") {
 		t.Errorf("TCP to a ClusterIP without endpoints: %v %q, want connection refused", err, out)
 	}
 	if d := time.Since(start); d > 3*time.Second {
 		t.Errorf("the refusals took %s, want at once", d)
 	}
 	// The host's processes (in the cgroup) reach the Service too.
-	if out, err := probeCmd(nil, cg, "dial", "10.96.100.10:80").CombinedOutput(); err != nil {
+	if out, err := probeCmd(nil, cg, "dial", "172.31.100.10:80").CombinedOutput(); err != nil {
 		t.Errorf("host -> ClusterIP: %v %q", err, out)
 	}
 	// Scaled down to c: no connection reaches b afterwards.
-	program(svcObjects("web", "10.96.100.10",
+	program(svcObjects("web", "172.31.100.10",
 		[]corev1.ServicePort{{Name: "http", Port: 80, Protocol: corev1.ProtocolTCP}, {Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}},
 		map[string]int32{"http": 8080, "dns": 5353}, c.ip(false)))
 	bBefore := n.inspect()[b.ip(false)].Counters.ToPodPackets
 	for range 10 {
-		if out, err := probeCmd(a, cg, "dial", "10.96.100.10:80").CombinedOutput(); err != nil {
+		if out, err := probeCmd(a, cg, "dial", "172.31.100.10:80").CombinedOutput(); err != nil {
 			t.Fatalf("after scale-down: %v %q", err, out)
 		}
 	}
@@ -212,7 +212,7 @@ func TestServicesSocketLB(t *testing.T) {
 	if err := ap.Apply("default/web", nil); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := probeCmd(a, cg, "dial", "10.96.100.10:80").CombinedOutput(); err == nil {
+	if out, err := probeCmd(a, cg, "dial", "172.31.100.10:80").CombinedOutput(); err == nil {
 		t.Errorf("a deleted Service still answers: %q", out)
 	}
 	sv := n.report().Services
@@ -234,7 +234,7 @@ func TestServiceDNATFragmentsAndErrors(t *testing.T) {
 	serveIn(t, b, "udp-serve", ":5353", "3000")
 	table := strings.ReplaceAll(n.name, "-", "_") + "_svc"
 	script := fmt.Sprintf("table ip %s {\n chain pre {\n  type nat hook prerouting priority dstnat;\n"+
-		"  ip daddr 10.96.0.10 udp dport 53 dnat to %s:5353\n  ip daddr 10.96.0.11 udp dport 53 dnat to %s:5999\n }\n}\n",
+		"  ip daddr 172.31.96.10 udp dport 53 dnat to %s:5353\n  ip daddr 172.31.96.11 udp dport 53 dnat to %s:5999\n }\n}\n",
 		table, b.ip(false), b.ip(false))
 	cmd := exec.Command("nft", "-f", "-")
 	cmd.Stdin = strings.NewReader(script)
@@ -243,8 +243,8 @@ func TestServiceDNATFragmentsAndErrors(t *testing.T) {
 	}
 	t.Cleanup(func() { exec.Command("nft", "delete", "table", "ip", table).Run() })
 	for i := range 5 {
-		out, err := probeCmd(a, -1, "udp-dial", "10.96.0.10:53", "2000").CombinedOutput()
-		if f := strings.Fields(string(out)); err != nil || len(f) != 3 || f[0] != "3000" || f[2] != "10.96.0.10:53" {
+		out, err := probeCmd(a, -1, "udp-dial", "172.31.96.10:53", "2000").CombinedOutput()
+		if f := strings.Fields(string(out)); err != nil || len(f) != 3 || f[0] != "3000" || f[2] != "172.31.96.10:53" {
 			t.Fatalf("pod -> DNAT Service UDP in fragments, try %d: %v %q", i, err, out)
 		}
 	}
@@ -254,7 +254,7 @@ func TestServiceDNATFragmentsAndErrors(t *testing.T) {
 		!strings.HasPrefix(string(out), "3000 ") {
 		t.Errorf("direct pod -> pod UDP in fragments after Service flows: %v %q", err, out)
 	}
-	if out, err := probeCmd(a, -1, "udp-dial", "10.96.0.11:53", "100").CombinedOutput(); err == nil || !strings.Contains(string(out), "connection refused") {
+	if out, err := probeCmd(a, -1, "udp-dial", "172.31.96.11:53", "100").CombinedOutput(); err == nil || !strings.Contains(string(out), "connection refused") {
 		t.Errorf("UDP to a DNAT Service whose backend port is closed: %v %q, want connection refused", err, out)
 	}
 }
