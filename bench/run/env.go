@@ -29,6 +29,15 @@ type env struct {
 	mu     sync.Mutex
 	pods   map[string]*benchPod // by netns name
 	mounts []string             // bpffs instances of emulated nodes, unmounted at cleanup
+	undo   []func()             // run first at cleanup, last registered first (processes, cgroups)
+}
+
+// onCleanup registers f to run at cleanup (also on SIGINT), before the
+// namespaces and links go.
+func (e *env) onCleanup(f func()) {
+	e.mu.Lock()
+	e.undo = append(e.undo, f)
+	e.mu.Unlock()
 }
 
 type benchPod struct {
@@ -199,6 +208,13 @@ func inNS(ns string, args ...string) *exec.Cmd {
 
 // cleanup DELs every pod still attached and removes every ebb-* thing.
 func (e *env) cleanup() {
+	e.mu.Lock()
+	undo := e.undo
+	e.undo = nil
+	e.mu.Unlock()
+	for i := len(undo) - 1; i >= 0; i-- {
+		undo[i]()
+	}
 	e.mu.Lock()
 	pods := make([]*benchPod, 0, len(e.pods))
 	for _, p := range e.pods {

@@ -5,8 +5,10 @@
 // interleaved in rounds, each ratio taken against the bare veth pair of the
 // same round. Churn: ADD/DEL latency through cnitool with 0, 200 and 1000
 // pods already on the node, and 50 parallel ADDs. Footprint: pinned map
-// memory and the plugin's max RSS per call. Everything it creates is named
-// ebb-* and removed at the end, also on SIGINT/SIGTERM.
+// memory and the plugin's max RSS per call. Services: pod → ClusterIP →
+// pod through kube-proxy (iptables, nftables) and ebpf-cni's BPF Services
+// at 10, 1,000 and 10,000 Services, on a real kube-apiserver. Everything
+// it creates is named ebb-* and removed at the end, also on SIGINT/SIGTERM.
 package main
 
 import (
@@ -29,12 +31,22 @@ var (
 	measure      = flag.Duration("d", 3*time.Second, "duration of each throughput/RR measurement")
 	samples      = flag.Int("samples", 20, "ADD/DEL samples per churn level")
 	levels       = flag.String("levels", "0,200,1000", "pods already on the node for the churn measurements")
-	only         = flag.String("sections", "startup,datapath,crossnode,churn,soak", "sections to run, comma-separated (the report holds those run)")
+	only         = flag.String("sections", "startup,datapath,crossnode,churn,soak,services", "sections to run, comma-separated (the report holds those run)")
 	soakCycles   = flag.Int("soak-cycles", 1000, "soak: ADD/DEL cycles")
 	soakParallel = flag.Int("soak-parallel", 50, "soak: cycles at once")
 	xnOnly       = flag.String("crossnode", "n2n,native,vxlan,ptp,kvxlan", "cross-node setups to run (n2n is required)")
 	congestion   = flag.String("cc", "cubic", "TCP congestion control of the iperf3 streams (BBR's pacing holds sub-100 µs paths below what they carry: compare setups with the Linux default)")
-	hold         = flag.Bool("hold", false, "cross-node: set up, print the namespaces and wait for SIGINT instead of measuring (profiling by hand)")
+	hold         = flag.Bool("hold", false, "cross-node, services: set up, print the namespaces and wait for SIGINT instead of measuring (profiling by hand)")
+	agentBin     = flag.String("agent", "bin/ebpf-cni-agent", "services: ebpf-cni-agent binary (the BPF Services setup)")
+	kubeBinDir   = flag.String("kube-bin", "", "services: directory holding kube-apiserver and kube-proxy (default: scripts/kube-build.sh --print-dir)")
+	cgroupRoot   = flag.String("cgroup-root", "/sys/fs/cgroup/unified", "services: cgroup2 mount under which each emulated node gets a cgroup")
+	svcLevels    = flag.String("svc-levels", "10,1000,10000", "services: Services programmed at each level, increasing")
+	svcSetups    = flag.String("svc-setups", "direct,iptables,nftables,ebpf", "services: setups to run (direct is required)")
+	svcRounds    = flag.Int("svc-rounds", 3, "services: TCP_RR/TCP_CRR rounds per level")
+	svcDur       = flag.Duration("svc-d", time.Second, "services: duration of each TCP_RR and TCP_CRR measurement")
+	svcTimeout   = flag.Duration("svc-timeout", 3*time.Minute, "services: longest wait for a Service to answer")
+	svcFreeze    = flag.Bool("svc-freeze", true, "services: SIGSTOP kube-proxy and the agent while TCP_RR/TCP_CRR run (rules and maps stay)")
+	svcWorkers   = flag.Int("svc-workers", 32, "services: parallel API requests when creating Services")
 )
 
 func main() {
@@ -47,6 +59,9 @@ func main() {
 		fatal(err)
 	}
 	if *rrBin, err = filepath.Abs(*rrBin); err != nil {
+		fatal(err)
+	}
+	if *agentBin, err = filepath.Abs(*agentBin); err != nil {
 		fatal(err)
 	}
 	env, err := newEnv()
@@ -73,6 +88,7 @@ func main() {
 		{"crossnode", func() error { return runCrossNode(env, rep) }},
 		{"churn", func() error { return runChurn(env, rep) }},
 		{"soak", func() error { return runSoak(env, rep) }},
+		{"services", func() error { return runServices(env, rep) }},
 	}
 	want := map[string]bool{}
 	for _, s := range strings.Split(*only, ",") {

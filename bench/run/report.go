@@ -22,6 +22,7 @@ type report struct {
 	xsetups           []*xsetup
 	xrounds           []map[string]metrics
 	soak              *soakResult
+	svc               *svcReport
 }
 
 func median(v []float64) float64 {
@@ -71,13 +72,14 @@ func (r *report) write(path, notesPath string) error {
 		r.started.UTC().Format("15:04"), r.finished.UTC().Format("15:04"))
 	w("- Machine: %s.\n", machine())
 	w("- Load average (1/5/15 min) at start and after each section: %s.\n", strings.Join(r.load, " → "))
-	w("- Reproduce: `make bench` (as root; installs iperf3, cnitool and the reference plugins when missing).\n\n")
+	w("- Reproduce: `make bench` (as root; installs iperf3, cnitool, the reference plugins and etcd when missing, and builds kube-apiserver and kube-proxy from the Go module proxy once).\n\n")
 
 	r.writeStartup(w)
 	r.writeDatapath(w)
 	r.writeCrossNode(w)
 	r.writeChurn(w)
 	r.writeSoak(w)
+	r.writeServices(w)
 	if notes, err := os.ReadFile(notesPath); err == nil {
 		w("\n%s", notes)
 	}
