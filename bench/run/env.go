@@ -120,11 +120,20 @@ func (e *env) newNS(name string) error {
 // add runs cnitool add and returns the pod's first address and the time
 // cnitool took.
 func (e *env) add(n *network, ns string) (*benchPod, time.Duration, error) {
+	return e.addAs(n, ns, "", "")
+}
+
+// addAs is add naming the Kubernetes pod (CNI_ARGS) when podNS is set.
+func (e *env) addAs(n *network, ns, podNS, podName string) (*benchPod, time.Duration, error) {
 	p := &benchPod{net: n, ns: ns}
 	e.mu.Lock()
 	e.pods[ns] = p
 	e.mu.Unlock()
-	out, d, err := e.cnitoolRun("add", n, ns)
+	var env []string
+	if podNS != "" {
+		env = append(env, fmt.Sprintf("CNI_ARGS=K8S_POD_NAMESPACE=%s;K8S_POD_NAME=%s", podNS, podName))
+	}
+	out, d, err := e.cnitoolRun("add", n, ns, env...)
 	if err != nil {
 		return p, d, err
 	}
@@ -154,14 +163,14 @@ func (e *env) del(p *benchPod) (time.Duration, error) {
 	return d, err
 }
 
-func (e *env) cnitoolRun(verb string, n *network, ns string) ([]byte, time.Duration, error) {
+func (e *env) cnitoolRun(verb string, n *network, ns string, env ...string) ([]byte, time.Duration, error) {
 	cmd := exec.Command(e.cnitool, verb, n.name, "/var/run/netns/"+ns)
 	if n.nodeNS != "" {
 		// The plugin runs inside the emulated node: only its network
 		// namespace is entered (`ip netns exec` would remount /sys).
 		cmd = exec.Command("nsenter", "--net=/var/run/netns/"+n.nodeNS, e.cnitool, verb, n.name, "/var/run/netns/"+ns)
 	}
-	cmd.Env = append(os.Environ(), "CNI_PATH="+e.cniPath, "NETCONFPATH="+n.confDir)
+	cmd.Env = append(append(os.Environ(), "CNI_PATH="+e.cniPath, "NETCONFPATH="+n.confDir), env...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	start := time.Now()

@@ -31,7 +31,7 @@ var (
 	measure      = flag.Duration("d", 3*time.Second, "duration of each throughput/RR measurement")
 	samples      = flag.Int("samples", 20, "ADD/DEL samples per churn level")
 	levels       = flag.String("levels", "0,200,1000", "pods already on the node for the churn measurements")
-	only         = flag.String("sections", "startup,datapath,crossnode,churn,soak,services", "sections to run, comma-separated (the report holds those run)")
+	only         = flag.String("sections", "startup,datapath,crossnode,churn,soak,services,policy", "sections to run, comma-separated (the report holds those run)")
 	soakCycles   = flag.Int("soak-cycles", 1000, "soak: ADD/DEL cycles")
 	soakParallel = flag.Int("soak-parallel", 50, "soak: cycles at once")
 	xnOnly       = flag.String("crossnode", "n2n,native,vxlan,ptp,kvxlan", "cross-node setups to run (n2n is required)")
@@ -89,6 +89,7 @@ func main() {
 		{"churn", func() error { return runChurn(env, rep) }},
 		{"soak", func() error { return runSoak(env, rep) }},
 		{"services", func() error { return runServices(env, rep) }},
+		{"policy", func() error { return runPolicy(env, rep) }},
 	}
 	want := map[string]bool{}
 	for _, s := range strings.Split(*only, ",") {

@@ -23,6 +23,7 @@ type report struct {
 	xrounds           []map[string]metrics
 	soak              *soakResult
 	svc               *svcReport
+	pol               *polReport
 }
 
 func median(v []float64) float64 {
@@ -80,6 +81,7 @@ func (r *report) write(path, notesPath string) error {
 	r.writeChurn(w)
 	r.writeSoak(w)
 	r.writeServices(w)
+	r.writePolicy(w)
 	if notes, err := os.ReadFile(notesPath); err == nil {
 		w("\n%s", notes)
 	}

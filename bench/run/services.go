@@ -527,26 +527,11 @@ func (c *svcCluster) rr(to netip.AddrPort, crr bool, d time.Duration) (rrOut, er
 	if crr {
 		args = append(args, "-crr", "-cpu", clientCPU)
 	}
-	cmd := c.clientCmd(args...)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
+	out, err := parseRR(c.clientCmd(args...))
 	if err != nil {
-		return rrOut{}, fmt.Errorf("rr %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+		return out, fmt.Errorf("%s %s: %w", c.label, strings.Join(args, " "), err)
 	}
-	var r struct {
-		TPS    float64 `json:"tps"`
-		P50us  float64 `json:"p50_us"`
-		P99us  float64 `json:"p99_us"`
-		Errors int     `json:"errors"`
-	}
-	if err := json.Unmarshal(out, &r); err != nil {
-		return rrOut{}, fmt.Errorf("rr output %q: %w", out, err)
-	}
-	if r.Errors > 0 {
-		fmt.Fprintf(os.Stderr, "bench: services: %s → %s: %s\n", c.label, to, strings.TrimSpace(stderr.String()))
-	}
-	return rrOut{tps: r.TPS, p50: r.P50us, p99: r.P99us, errors: r.Errors}, nil
+	return out, nil
 }
 
 // probeRun is an rr -probe waiting for a ClusterIP to answer.
