@@ -6,7 +6,7 @@ export PATH := /usr/local/go/bin:$(HOME)/go/bin:$(PATH)
 BIN     := bin/ebpf-cni
 GOFILES := $(shell find . -name '*.go' -not -path './.git/*')
 
-.PHONY: all build generate check-generate deps test test-unit test-bpf test-integration lint demo bench soak fuzz e2e clean install
+.PHONY: e2e-netpol all build generate check-generate deps test test-unit test-bpf test-integration lint demo bench soak fuzz e2e clean install
 
 all: build
 
@@ -54,19 +54,38 @@ lint:
 	staticcheck ./...
 
 # Kubernetes levels: an emulated 3-node cluster on a real kube-apiserver
-# (native and VXLAN) and a single-node cluster with a real kubelet on
-# containerd where the DaemonSet of deploy/ installs ebpf-cni. The Kubernetes
-# v1.34 binaries are built from the Go module proxy once (~18 min on 2 cores)
-# and cached by scripts/kube-build.sh.
+# (native and VXLAN; Services, NetworkPolicy), a single-node cluster with a
+# real kubelet on containerd where the DaemonSet of deploy/ installs
+# ebpf-cni, and the upstream sig-network [Conformance] specs (e2e.test) on
+# that node with CoreDNS and without kube-proxy: ebpf-cni serves Services
+# (KUBE_PROXY=iptables or nftables runs them against kube-proxy instead).
+# The Kubernetes v1.34 binaries, e2e.test, agnhost, CoreDNS and ginkgo are
+# built from the Go module proxy once and cached by scripts/kube-build.sh.
+KUBE_BINS  := kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kube-proxy e2e.test agnhost coredns ginkgo
+KUBE_PROXY ?= off
 e2e: build
 	@bash scripts/deps.sh --e2e
-	bash scripts/kube-build.sh
-	go test -tags e2e -count=1 -v -run 'MultiNode|KubeletCluster' ./test/integration/
+	bash scripts/kube-build.sh $(KUBE_BINS)
+	E2E_KUBE_PROXY=$(KUBE_PROXY) go test -tags e2e -count=1 -v -timeout 60m -run 'MultiNode|KubeletCluster|KubeletConformance' ./test/integration/
 
-# Datapath and churn figures side by side with veth, bridge and ptp; writes BENCHMARKS.md.
-bench: deps build
+# The upstream NetworkPolicy suite (e2e.test --focus '[sig-network] Netpol')
+# on the single-node kubelet cluster without kube-proxy; E2E_PROCS ginkgo
+# processes (default 3). Report and log in bin/netpol.
+e2e-netpol: build
+	@bash scripts/deps.sh --e2e
+	bash scripts/kube-build.sh $(KUBE_BINS)
+	go test -tags e2e -count=1 -v -timeout 200m -run 'KubeletNetpol' ./test/integration/
+
+# Datapath and churn figures side by side with veth, bridge and ptp, and
+# Service traffic through kube-proxy (iptables, nftables) and ebpf-cni's BPF
+# Services on a real kube-apiserver (etcd from Debian, kube-apiserver and
+# kube-proxy built from the Go module proxy and cached); writes BENCHMARKS.md.
+bench: build
+	@bash scripts/deps.sh --e2e
+	bash scripts/kube-build.sh kube-apiserver kube-proxy
 	go build -o bin/rr ./bench/rr
-	go run ./bench/run -plugin $(BIN) -rr bin/rr -out BENCHMARKS.md $(BENCH_ARGS)
+	go build -o bin/ebpf-cni-agent ./cmd/ebpf-cni-agent
+	go run ./bench/run -plugin $(BIN) -rr bin/rr -agent bin/ebpf-cni-agent -out BENCHMARKS.md $(BENCH_ARGS)
 
 # 1000 ADD/DEL cycles, 50 at once, through cnitool: no address held twice,
 # nothing leaked; writes SOAK.md (make bench includes the same section).

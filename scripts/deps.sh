@@ -33,6 +33,12 @@ command -v podman >/dev/null 2>&1 || missing+=(podman)
 if [ "${1:-}" = "--e2e" ]; then
 	command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 	command -v nsenter >/dev/null 2>&1 || missing+=(util-linux)
+	# The userland packed into the conformance test images
+	# (scripts/e2e-images.sh): sh and friends, curl, nc, dig and nslookup.
+	dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+	command -v curl >/dev/null 2>&1 || missing+=(curl)
+	command -v nc.openbsd >/dev/null 2>&1 || missing+=(netcat-openbsd)
+	command -v dig >/dev/null 2>&1 || missing+=(bind9-dnsutils)
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then

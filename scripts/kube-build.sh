@@ -7,7 +7,12 @@
 #   scripts/kube-build.sh [--print-dir] [binary...]
 #
 # Binaries default to kube-apiserver kube-controller-manager kube-scheduler
-# kubelet kubectl; any k8s.io/kubernetes/cmd/<name> works. The version is
+# kubelet kubectl; any k8s.io/kubernetes/cmd/<name> works, and so do the
+# conformance tools: e2e.test (go test -c k8s.io/kubernetes/test/e2e),
+# agnhost (test/images/agnhost, versioned by its VERSION file), coredns
+# (the release kubeadm deploys, from a module of its own) and ginkgo (the
+# CLI at the version k8s.io/kubernetes requires, to run e2e.test's specs in
+# parallel processes). The version is
 # KUBE_VERSION, or else the newest v1.34.x the proxy serves. Binaries land in
 # ${KUBE_CACHE:-/var/cache/ebpf-cni/kube}/<version>/bin, whose path is always
 # the last line of stdout (all messages go to stderr). When every requested
@@ -32,10 +37,10 @@ bins=()
 for arg in "$@"; do
 	case "$arg" in
 	--print-dir) print_only=true ;;
-	-h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
+	-h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
 	-*) die "unknown flag $arg (try --help)" ;;
 	*)
-		[[ "$arg" =~ ^[a-z0-9-]+$ ]] || die "bad binary name: $arg"
+		[[ "$arg" =~ ^[a-z0-9-]+$ || "$arg" = e2e.test ]] || die "bad binary name: $arg"
 		bins+=("$arg")
 		;;
 	esac
@@ -68,16 +73,50 @@ if $print_only; then
 	exit 0
 fi
 
-# runs NAME PATH: true when PATH is a working binary that reports $version.
+# kube_file PATH: a file of the k8s.io/kubernetes module (downloaded once).
+kube_file() {
+	local dir
+	dir=$(go env GOMODCACHE)/k8s.io/kubernetes@$version
+	[ -f "$dir/$1" ] ||
+		dir=$(cd / && go mod download -json "k8s.io/kubernetes@$version" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+	cat "$dir/$1"
+}
+
+# agnhost carries its own version (test/images/agnhost/VERSION, 2.56 for
+# v1.34), which the image tag must match.
+agnhost_version() { kube_file test/images/agnhost/VERSION | tr -d '[:space:]'; }
+
+# The CoreDNS release kubeadm of this Kubernetes version deploys.
+coredns_version() {
+	kube_file cmd/kubeadm/app/constants/constants.go |
+		sed -n 's/^[[:space:]]*CoreDNSVersion = "\(v[0-9.]*\)"$/\1/p'
+}
+
+# The ginkgo k8s.io/kubernetes requires (its go.mod), e.g. v2.21.0.
+ginkgo_version() { kube_file go.mod | awk '$1 == "github.com/onsi/ginkgo/v2" {print $2; exit}'; }
+
+# runs NAME PATH: true when PATH is a working binary that reports the
+# version it was built for.
 runs() {
-	local out
+	local out want=$version
 	[ -x "$2" ] || return 1
-	if [ "$1" = kubectl ]; then
-		out=$(timeout 30 "$2" version --client 2>&1) || return 1
-	else
+	case "$1" in
+	coredns)
+		want="CoreDNS-$(coredns_version | sed 's/^v//')"
+		out=$(timeout 30 "$2" -version 2>&1) || return 1
+		;;
+	kubectl) out=$(timeout 30 "$2" version --client 2>&1) || return 1 ;;
+	ginkgo)
+		want="Ginkgo Version $(ginkgo_version | sed 's/^v//')"
+		out=$(timeout 30 "$2" version 2>&1) || return 1
+		;;
+	agnhost)
+		want="version $(agnhost_version)" # cobra prints "app version 2.56"
 		out=$(timeout 30 "$2" --version 2>&1) || return 1
-	fi
-	grep -qF "$version" <<<"$out"
+		;;
+	*) out=$(timeout 30 "$2" --version 2>&1) || return 1 ;;
+	esac
+	grep -qF "$want" <<<"$out"
 }
 
 missing() {
@@ -141,10 +180,61 @@ ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=$version"
 ldflags+=" -X k8s.io/client-go/pkg/version.gitMajor=1"
 ldflags+=" -X k8s.io/client-go/pkg/version.gitMinor=$minor"
 
-# build NAME CGO: go build into a temp name next to the target.
+# build NAME CGO: go build into a temp name next to the target. e2e.test is
+# the test binary of test/e2e (its specs register in package init); agnhost
+# gets its own version string, as its Makefile sets it.
 build() {
-	(cd "$work" && CGO_ENABLED=$2 go build -mod=mod -trimpath -ldflags "$ldflags" \
-		-o "$bindir/.$1.tmp.$$" "k8s.io/kubernetes/cmd/$1")
+	local out="$bindir/.$1.tmp.$$"
+	case "$1" in
+	e2e.test) (cd "$work" && CGO_ENABLED=$2 go test -c -mod=mod -trimpath -ldflags "$ldflags" \
+		-o "$out" k8s.io/kubernetes/test/e2e) ;;
+	agnhost) (cd "$work" && CGO_ENABLED=$2 go build -mod=mod -trimpath \
+		-ldflags "-s -w -X main.Version=$(agnhost_version)" -o "$out" k8s.io/kubernetes/test/images/agnhost) ;;
+	coredns) build_coredns "$out" ;;
+	ginkgo) (cd "$work" && CGO_ENABLED=$2 go build -mod=mod -trimpath -ldflags "-s -w" \
+		-o "$out" github.com/onsi/ginkgo/v2/ginkgo) ;;
+	*) (cd "$work" && CGO_ENABLED=$2 go build -mod=mod -trimpath -ldflags "$ldflags" \
+		-o "$out" "k8s.io/kubernetes/cmd/$1") ;;
+	esac
+}
+
+# build_coredns OUT: CoreDNS with the plugins of kubeadm's Corefile (errors,
+# health, ready, kubernetes, prometheus, forward, cache, loop, reload,
+# loadbalance, plus log), from a module of its own: its client-go must not
+# move the Kubernetes wrapper's dependencies, and leaving out the cloud DNS
+# plugins (route53, azure, clouddns, etcd, dnstap, trace) keeps the build
+# small. Unlisted directives are only unknown to the Corefile parser.
+build_coredns() {
+	local v cwork="$work/coredns"
+	v=$(coredns_version)
+	[ -n "$v" ] || die "no CoreDNSVersion in k8s.io/kubernetes@$version's kubeadm constants"
+	mkdir -p "$cwork"
+	printf 'module corednsbuild.local/wrapper\n\ngo 1.24.0\n\nrequire github.com/coredns/coredns %s\n' "$v" >"$cwork/go.mod"
+	cat >"$cwork/main.go" <<-'EOF'
+		// CoreDNS with the plugins kubeadm's Corefile uses.
+		package main
+
+		import (
+			"github.com/coredns/coredns/coremain"
+
+			_ "github.com/coredns/coredns/plugin/cache"
+			_ "github.com/coredns/coredns/plugin/errors"
+			_ "github.com/coredns/coredns/plugin/forward"
+			_ "github.com/coredns/coredns/plugin/health"
+			_ "github.com/coredns/coredns/plugin/kubernetes"
+			_ "github.com/coredns/coredns/plugin/loadbalance"
+			_ "github.com/coredns/coredns/plugin/log"
+			_ "github.com/coredns/coredns/plugin/loop"
+			_ "github.com/coredns/coredns/plugin/metrics"
+			_ "github.com/coredns/coredns/plugin/ready"
+			_ "github.com/coredns/coredns/plugin/reload"
+		)
+
+		func main() { coremain.Run() }
+	EOF
+	log "CoreDNS $v"
+	(cd "$cwork" && CGO_ENABLED=0 go build -mod=mod -trimpath \
+		-ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$v" -o "$1" .)
 }
 
 start=$SECONDS
@@ -157,7 +247,7 @@ for name in "${todo[@]}"; do
 		log "build $name with CGO_ENABLED=0 failed; retrying with cgo"
 		build "$name" 1 || die "build $name failed; see the go output above"
 	fi
-	runs "$name" "$bindir/.$name.tmp.$$" || die "built $name does not run or does not report $version"
+	runs "$name" "$bindir/.$name.tmp.$$" || die "built $name does not run or does not report its version"
 	mv -f "$bindir/.$name.tmp.$$" "$bindir/$name"
 	log "built $name in $((SECONDS - t))s"
 done

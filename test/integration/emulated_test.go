@@ -27,6 +27,9 @@ type underlay struct {
 // newUnderlay creates the bridge, with the host on it at .254 (and ::fe).
 func newUnderlay(t *testing.T, u underlay) *underlay {
 	t.Helper()
+	// A run killed before its cleanup leaves the bridge (and the nodes'
+	// namespaces, see addNode) behind: the names are ours, take them back.
+	exec.Command("ip", "link", "del", u.bridge).Run()
 	run(t, "ip", "link", "add", u.bridge, "type", "bridge")
 	t.Cleanup(func() { exec.Command("ip", "link", "del", u.bridge).Run() })
 	run(t, "ip", "addr", "add", u.net4+".254/24", "dev", u.bridge)
@@ -55,8 +58,7 @@ func (u *underlay) addNode(t *testing.T, tag string, i int, plugin config.Plugin
 	n := &emuNode{name: fmt.Sprintf("n%d", i), ns: fmt.Sprintf("ebt-%s-n%d", tag, i),
 		dir: filepath.Join("/run", "ebt-"+tag, fmt.Sprintf("n%d", i)),
 		ip:  netip.MustParseAddr(fmt.Sprintf("%s.%d", u.net4, i))}
-	run(t, "ip", "netns", "add", n.ns)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", n.ns).Run() })
+	freshNetns(t, n.ns)
 	up := fmt.Sprintf("ebt-%s-u%d", tag, i)
 	run(t, "ip", "link", "add", up, "type", "veth", "peer", "name", "ebt-x", "netns", n.ns)
 	run(t, "ip", "link", "set", up, "master", u.bridge, "up")
@@ -105,10 +107,11 @@ func (n *emuNode) exec(args ...string) *exec.Cmd {
 	return exec.Command("nsenter", append([]string{"--net=/run/netns/" + n.ns}, args...)...)
 }
 
-// cnitool runs inside the node's network namespace only.
-func (n *emuNode) cnitool(verb string, p *pod) ([]byte, error) {
+// cnitool runs inside the node's network namespace only (env: more
+// variables, such as CNI_ARGS).
+func (n *emuNode) cnitool(verb string, p *pod, env ...string) ([]byte, error) {
 	cmd := n.exec(cnitool, verb, n.net.name, p.path)
-	cmd.Env = append(os.Environ(), "CNI_PATH="+cniPath, "NETCONFPATH="+n.net.confDir)
+	cmd.Env = append(append(os.Environ(), "CNI_PATH="+cniPath, "NETCONFPATH="+n.net.confDir), env...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return out, fmt.Errorf("cnitool %s on %s: %w: %s", verb, n.name, err, out)
@@ -117,17 +120,19 @@ func (n *emuNode) cnitool(verb string, p *pod) ([]byte, error) {
 }
 
 // addPod wires pod k of the node; DEL and the namespace's removal are
-// registered for the end of the test.
-func (n *emuNode) addPod(t *testing.T, k int) *pod {
+// registered for the end of the test. env is passed to cnitool (CNI_ARGS
+// naming the Kubernetes pod).
+func (n *emuNode) addPod(t *testing.T, k int, env ...string) *pod {
 	t.Helper()
 	name := fmt.Sprintf("%s-p%d", n.ns, k)
+	exec.Command("ip", "netns", "del", name).Run() // a killed run's
 	run(t, "ip", "netns", "add", name)
 	p := &pod{n: n.net, ns: name, path: "/var/run/netns/" + name}
 	t.Cleanup(func() {
-		n.cnitool("del", p)
+		n.cnitool("del", p, env...)
 		exec.Command("ip", "netns", "del", name).Run()
 	})
-	out, err := n.cnitool("add", p)
+	out, err := n.cnitool("add", p, env...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -191,6 +191,7 @@ func (n *node) newNS() *pod {
 	n.t.Helper()
 	n.netns++
 	name := fmt.Sprintf("%s-%d", n.name, n.netns)
+	exec.Command("ip", "netns", "del", name).Run() // a killed run's
 	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
 		n.t.Fatalf("ip netns add %s: %v: %s", name, err, out)
 	}
@@ -454,4 +455,14 @@ func waitFor(t *testing.T, what string, timeout time.Duration, ok func() bool) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// freshNetns creates the test's network namespace name, removed at the end
+// of t. One of that name left by a run killed before its cleanup goes
+// first: the names carry the tests' prefix, they are ours.
+func freshNetns(t *testing.T, name string) {
+	t.Helper()
+	exec.Command("ip", "netns", "del", name).Run()
+	run(t, "ip", "netns", "add", name)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
 }

@@ -9,6 +9,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -41,14 +43,57 @@ func saveSysctls(t *testing.T) {
 	})
 }
 
-// A single-node cluster: etcd, kube-apiserver, kube-controller-manager
-// (allocating podCIDRs), kube-scheduler and a kubelet on containerd. ebpf-cni
-// arrives as the DaemonSet of deploy/ from the locally built image; the node
-// turns Ready once its init container wrote the conflist. Two Deployments
-// talk pod to pod and host to pod; scaling down and deleting leaves nothing.
-func TestKubeletCluster(t *testing.T) {
+// kubeletClusterOpts chooses what a single-node kubelet cluster runs
+// besides the control plane, the kubelet and ebpf-cni's DaemonSet.
+type kubeletClusterOpts struct {
+	// kubeProxy is "iptables" or "nftables" to run kube-proxy as a host
+	// process and leave Services to it (the agent runs without its
+	// services controller), or "" for none: then ebpf-cni's DaemonSet
+	// serves Services as deploy/ ships it and the agent reaches the API
+	// server directly (the DaemonSet's documented ConfigMap).
+	kubeProxy string
+	// dns points the kubelet's clusterDNS at kube-system/kube-dns
+	// (kubeDNSIP); the caller deploys the server (deployCoreDNS).
+	dns bool
+	// images are OCI archives imported into containerd before the kubelet
+	// starts (pods use IfNotPresent: nothing is pulled).
+	images []string
+}
+
+// The single-node cluster's fixed names and addresses.
+const (
+	kubeNodeName    = "ebt-node"
+	kubeClusterCIDR = "10.244.0.0/16"
+	kubeDNSIP       = "10.96.0.10" // inside startCluster's --service-cluster-ip-range
+)
+
+// kubeletCluster is startCluster's control plane plus a kubelet on a
+// private containerd, the node made Ready by ebpf-cni's DaemonSet.
+type kubeletCluster struct {
+	*cluster
+	ctrd    *containerd
+	ds      *node // ebpf-cni as the DaemonSet installs it (production paths)
+	kubectl string
+}
+
+// startKubeletCluster brings up a single-node cluster: etcd,
+// kube-apiserver, kube-controller-manager (allocating podCIDRs),
+// kube-scheduler, a kubelet on containerd, optionally kube-proxy; ebpf-cni
+// arrives as the DaemonSet of deploy/ from the locally built image and the
+// node turns Ready once its init container wrote the conflist (and not
+// before: that is checked). Everything stops and goes at the end of t.
+func startKubeletCluster(t *testing.T, o kubeletClusterOpts) *kubeletCluster {
+	t.Helper()
+	switch o.kubeProxy {
+	case "", "iptables", "nftables":
+	default:
+		t.Fatalf("kube-proxy mode %q: want iptables, nftables or none", o.kubeProxy)
+	}
 	saveSysctls(t)
+	kubeletChains(t)
 	c := startCluster(t)
+	k := &kubeletCluster{cluster: c}
+	serviceRangeBlackhole(t)
 	kcm := kubeBinary(t, "kube-controller-manager")
 	sched := kubeBinary(t, "kube-scheduler")
 	kubelet := kubeBinary(t, "kubelet")
@@ -62,24 +107,32 @@ func TestKubeletCluster(t *testing.T) {
 	}
 	t.Cleanup(func() { os.RemoveAll("/sys/fs/bpf/ebpf-cni"); os.RemoveAll("/var/lib/ebpf-cni") })
 	sharedBPFFS(t)
-	ds := &node{t: t, name: "ebpf-cni", pinRoot: "/sys/fs/bpf/ebpf-cni", stateDir: "/var/lib/ebpf-cni", ipamDir: "/var/lib/ebpf-cni/ipam"}
+	k.ds = &node{t: t, name: "ebpf-cni", pinRoot: "/sys/fs/bpf/ebpf-cni", stateDir: "/var/lib/ebpf-cni", ipamDir: "/var/lib/ebpf-cni/ipam"}
 
 	// containerd with an empty conf dir: the DaemonSet fills it.
 	n := newNode(t, nil)
 	n.version = "1.0.0"
 	os.MkdirAll(n.confDir, 0o755)
-	ctrd := startContainerdOpts(t, n, false)
+	// Registered before containerd's own cleanup, so it runs after it.
+	t.Cleanup(func() {
+		if k.ctrd != nil {
+			k.noShimLeft(t)
+		}
+	})
+	k.ctrd = startContainerdOpts(t, n, false)
 	img := filepath.Join(t.TempDir(), "ebpf-cni-image.tar")
 	build := exec.Command("bash", "../../scripts/image.sh")
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("scripts/image.sh: %v: %s", err, out)
 	}
 	os.Rename("../../bin/ebpf-cni-image.tar", img)
-	if out, err := exec.Command("ctr", "--address", ctrd.sock, "-n", "k8s.io", "images", "import", img).CombinedOutput(); err != nil {
-		t.Fatalf("import image: %v: %s", err, out)
+	for _, archive := range append([]string{img}, o.images...) {
+		if out, err := exec.Command("ctr", "--address", k.ctrd.sock, "-n", "k8s.io", "images", "import", archive).CombinedOutput(); err != nil {
+			t.Fatalf("import image %s: %v: %s", archive, err, out)
+		}
 	}
 
-	c.start(exec.Command(kcm, "--kubeconfig="+c.kcfg, "--allocate-node-cidrs", "--cluster-cidr=10.244.0.0/16",
+	c.start(exec.Command(kcm, "--kubeconfig="+c.kcfg, "--allocate-node-cidrs", "--cluster-cidr="+kubeClusterCIDR,
 		"--node-cidr-mask-size=24", "--service-account-private-key-file="+filepath.Join(c.dir, "sa.key"),
 		"--root-ca-file="+filepath.Join(c.dir, "certs", "apiserver.crt"),
 		"--use-service-account-credentials=false", "--controllers=*,-serviceaccount-token", "--leader-elect=false",
@@ -106,41 +159,46 @@ protectKernelDefaults: false
 serializeImagePulls: false
 resolvConf: /etc/resolv.conf
 evictionHard: {}
-`, mnHostIP, ctrd.sock)
+`, mnHostIP, k.ctrd.sock)
+	if o.dns {
+		kcfg += "clusterDNS: [" + kubeDNSIP + "]\nclusterDomain: cluster.local\n"
+	}
 	os.WriteFile(filepath.Join(kdir, "config.yaml"), []byte(kcfg), 0o644)
-	c.start(exec.Command(kubelet, "--config="+filepath.Join(kdir, "config.yaml"), "--kubeconfig="+c.kcfg,
+	kubeletCmd := exec.Command(kubelet, "--config="+filepath.Join(kdir, "config.yaml"), "--kubeconfig="+c.kcfg,
 		"--root-dir="+filepath.Join(kdir, "root"), "--cert-dir="+filepath.Join(kdir, "pki"),
-		"--hostname-override=ebt-node", "--node-ip="+mnHostIP, "--v=1"), "kubelet")
-	kubectl := kubeBinary(t, "kubectl")
+		"--hostname-override="+kubeNodeName, "--node-ip="+mnHostIP, "--v=1")
+	c.start(kubeletCmd, "kubelet")
+	// The kubelet goes before containerd removes the sandboxes at the end:
+	// alive, it would start the pods again, and their shims (with hostPort
+	// rules and veths) outlive containerd.
+	t.Cleanup(func() {
+		kubeletCmd.Process.Kill()
+		kubeletCmd.Wait()
+	})
+	if o.kubeProxy != "" {
+		k.startKubeProxy(t, o.kubeProxy)
+	}
+	k.kubectl = kubeBinary(t, "kubectl")
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, args := range [][]string{{"get", "pods", "-A", "-o", "wide"}, {"get", "events", "-A"},
 				{"-n", "kube-system", "logs", "ds/ebpf-cni", "--all-containers", "--tail=30"}} {
-				out, _ := exec.Command(kubectl, append([]string{"--kubeconfig=" + c.kcfg}, args...)...).CombinedOutput()
+				out, _ := k.run(args...)
 				t.Logf("kubectl %v:\n%s", args, tail(out, 3000))
 			}
 			t.Logf("kubelet log:\n%s", c.log("kubelet"))
+			if o.kubeProxy != "" {
+				t.Logf("kube-proxy log:\n%s", c.log("kube-proxy"))
+			}
 		}
 	})
 	ctx := context.Background()
 	waitFor(t, "the node to register", 90*time.Second, func() bool {
-		_, err := c.client.CoreV1().Nodes().Get(ctx, "ebt-node", metav1.GetOptions{})
+		_, err := c.client.CoreV1().Nodes().Get(ctx, kubeNodeName, metav1.GetOptions{})
 		return err == nil
 	})
-	ready := func() bool {
-		node, err := c.client.CoreV1().Nodes().Get(ctx, "ebt-node", metav1.GetOptions{})
-		if err != nil {
-			return false
-		}
-		for _, cond := range node.Status.Conditions {
-			if cond.Type == corev1.NodeReady {
-				return cond.Status == corev1.ConditionTrue
-			}
-		}
-		return false
-	}
 	time.Sleep(3 * time.Second)
-	if ready() {
+	if k.ready() {
 		t.Fatalf("the node is Ready before any CNI is installed: the test proves nothing")
 	}
 
@@ -149,21 +207,114 @@ evictionHard: {}
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := strings.NewReplacer("path: /opt/cni/bin", "path: "+ctrd.binDir, "path: /etc/cni/net.d", "path: "+n.confDir).Replace(string(manifest))
-	// No kube-proxy here: point the agent at the API server itself, as the
-	// DaemonSet documents for kube-proxy-free clusters.
-	if _, err := c.client.CoreV1().ConfigMaps("kube-system").Create(ctx, &corev1.ConfigMap{
-		ObjectMeta: metav1.ObjectMeta{Name: "ebpf-cni-kubernetes-service"},
-		Data:       map[string]string{"KUBERNETES_SERVICE_HOST": mnHostIP, "KUBERNETES_SERVICE_PORT": fmt.Sprint(mnAPIPort)},
-	}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
+	m := strings.NewReplacer("path: /opt/cni/bin", "path: "+k.ctrd.binDir, "path: /etc/cni/net.d", "path: "+n.confDir).Replace(string(manifest))
+	if o.kubeProxy != "" {
+		// Services are kube-proxy's: the agent runs without its services
+		// controller, the DaemonSet's documented switch.
+		m = agentControllers.ReplaceAllStringFunc(m, func(flag string) string {
+			var keep []string
+			for _, c := range strings.Split(strings.TrimPrefix(flag, "-controllers="), ",") {
+				if c != "services" {
+					keep = append(keep, c)
+				}
+			}
+			return "-controllers=" + strings.Join(keep, ",")
+		})
+	}
+	if o.kubeProxy == "" {
+		// No kube-proxy here: point the agent at the API server itself, as
+		// the DaemonSet documents for kube-proxy-free clusters.
+		if _, err := c.client.CoreV1().ConfigMaps("kube-system").Create(ctx, &corev1.ConfigMap{
+			ObjectMeta: metav1.ObjectMeta{Name: "ebpf-cni-kubernetes-service"},
+			Data:       map[string]string{"KUBERNETES_SERVICE_HOST": mnHostIP, "KUBERNETES_SERVICE_PORT": fmt.Sprint(mnAPIPort)},
+		}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	mf := filepath.Join(c.dir, "ebpf-cni.yaml")
 	os.WriteFile(mf, []byte(m), 0o644)
-	if out, err := exec.Command(kubectl, "--kubeconfig="+c.kcfg, "apply", "-f", mf).CombinedOutput(); err != nil {
+	if out, err := k.run("apply", "-f", mf); err != nil {
 		t.Fatalf("kubectl apply -f deploy/: %v: %s", err, out)
 	}
-	waitFor(t, "the node to turn Ready through ebpf-cni", 120*time.Second, ready)
+	waitFor(t, "the node to turn Ready through ebpf-cni", 120*time.Second, k.ready)
+	return k
+}
+
+// agentControllers is the agent's -controllers flag in deploy/.
+var agentControllers = regexp.MustCompile(`-controllers=[a-z,]+`)
+
+// noShimLeft fails the test when a containerd shim of the cluster outlived
+// containerd (a pod left running, holding its ports and veth), and ends it.
+func (k *kubeletCluster) noShimLeft(t *testing.T) {
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err != nil || !strings.Contains(string(b), "containerd-shim") || !strings.Contains(string(b), k.ctrd.sock) {
+			continue
+		}
+		pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
+		t.Errorf("containerd shim %d outlived the cluster's containerd; ending it and its containers", pid)
+		if kids, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid)); err == nil {
+			for _, kid := range strings.Fields(string(kids)) {
+				if k, err := strconv.Atoi(kid); err == nil {
+					unix.Kill(k, unix.SIGKILL)
+				}
+			}
+		}
+		unix.Kill(pid, unix.SIGKILL)
+	}
+}
+
+// ready tells whether the node's Ready condition is True.
+func (k *kubeletCluster) ready() bool {
+	node, err := k.client.CoreV1().Nodes().Get(context.Background(), kubeNodeName, metav1.GetOptions{})
+	if err != nil {
+		return false
+	}
+	for _, cond := range node.Status.Conditions {
+		if cond.Type == corev1.NodeReady {
+			return cond.Status == corev1.ConditionTrue
+		}
+	}
+	return false
+}
+
+// run is kubectl against the cluster.
+func (k *kubeletCluster) run(args ...string) ([]byte, error) {
+	return exec.Command(k.kubectl, append([]string{"--kubeconfig=" + k.kcfg}, args...)...).CombinedOutput()
+}
+
+// startKubeProxy runs kube-proxy on the host in mode (iptables or
+// nftables) for the node: --cluster-cidr makes pod sources "local", so pod
+// -> Service -> pod keeps the pod's address (no --masquerade-all), as
+// NetworkPolicy needs; NodePorts only on the node's address. It leaves the
+// host's conntrack sysctls alone (max per core 0, timeouts 0) and removes
+// its rules at the end.
+func (k *kubeletCluster) startKubeProxy(t *testing.T, mode string) {
+	t.Helper()
+	proxy := kubeBinary(t, "kube-proxy")
+	cmd := exec.Command(proxy, "--kubeconfig="+k.kcfg, "--hostname-override="+kubeNodeName,
+		"--proxy-mode="+mode, "--cluster-cidr="+kubeClusterCIDR, "--nodeport-addresses="+mnHostIP+"/32",
+		"--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0", "--conntrack-tcp-timeout-close-wait=0",
+		"--metrics-bind-address=127.0.0.1:10249", "--healthz-bind-address=127.0.0.1:10256", "--v=2")
+	k.start(cmd, "kube-proxy")
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if out, err := exec.Command(proxy, "--cleanup", "--proxy-mode="+mode).CombinedOutput(); err != nil {
+			t.Errorf("kube-proxy --cleanup: %v: %s", err, tail(out, 2000))
+		}
+	})
+}
+
+// A single-node cluster (startKubeletCluster, without kube-proxy). Two
+// Deployments talk pod to pod and host to pod; the DaemonSet's agent
+// serves Services (kubeletServices); scaling down and deleting leaves
+// nothing.
+func TestKubeletCluster(t *testing.T) {
+	k := startKubeletCluster(t, kubeletClusterOpts{})
+	c, ctrd, ds := k.cluster, k.ctrd, k.ds
+	ctx := context.Background()
 
 	// Two Deployments of probe servers.
 	for _, d := range []struct {
@@ -228,6 +379,7 @@ evictionHard: {}
 	if r := ds.inspect()[podIPs[0]].Counters.RedirectPackets; r == 0 {
 		t.Errorf("pod-to-pod traffic did not take the BPF redirect")
 	}
+	t.Run("Services", func(t *testing.T) { kubeletServices(t, k) })
 
 	// Scale down and delete: DEL leaves nothing.
 	scale, _ := c.client.AppsV1().Deployments("default").GetScale(ctx, "web", metav1.GetOptions{})
@@ -243,6 +395,51 @@ evictionHard: {}
 	waitFor(t, "every endpoint released", 60*time.Second, func() bool { return len(ds.inspect()) == 0 })
 	for ip, e := range eps {
 		ds.assertGone(veth.HostName(e.ContainerID, "eth0"), e.ContainerID, []netip.Addr{ip})
+	}
+}
+
+// serviceRangeBlackhole drops, after NAT, whatever the host sends or
+// forwards to the Service range: ClusterIPs are virtual, and what kube-proxy
+// or ebpf-cni leaves untranslated (a port the Service no longer has) must
+// vanish, as in a real network. Here the default route leads to an egress
+// interceptor that answers every address on port 80 (an unreachable route
+// would not do: the host's own connects to ClusterIPs need a route before
+// kube-proxy's OUTPUT DNAT sees them).
+func serviceRangeBlackhole(t *testing.T) {
+	t.Helper()
+	exec.Command("nft", "delete", "table", "inet", "ebt-svc").Run()
+	rules := fmt.Sprintf(`table inet ebt-svc {
+	chain output { type filter hook output priority filter; ip daddr %[1]s counter drop; }
+	chain forward { type filter hook forward priority filter; ip daddr %[1]s counter drop; }
+}`, mnServiceCIDR)
+	cmd := exec.Command("nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nft (Service range): %v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("nft", "delete", "table", "inet", "ebt-svc").Run() })
+}
+
+// kubeletChains removes, at the end, the iptables chains the kubelet always
+// creates (KUBE-FIREWALL and the jumps to it, KUBE-IPTABLES-HINT,
+// KUBE-KUBELET-CANARY), unless the host had them before.
+func kubeletChains(t *testing.T) {
+	t.Helper()
+	for _, ipt := range []string{"iptables", "ip6tables"} {
+		if exec.Command(ipt, "-w", "-t", "filter", "-S", "KUBE-FIREWALL").Run() == nil {
+			continue // a real kubelet's, or a leftover this test did not make
+		}
+		t.Cleanup(func() {
+			for _, chain := range []string{"INPUT", "OUTPUT"} {
+				for exec.Command(ipt, "-w", "-t", "filter", "-D", chain, "-j", "KUBE-FIREWALL").Run() == nil {
+				}
+			}
+			for _, tc := range [][2]string{{"filter", "KUBE-FIREWALL"}, {"mangle", "KUBE-IPTABLES-HINT"}, {"mangle", "KUBE-KUBELET-CANARY"},
+				{"nat", "KUBE-KUBELET-CANARY"}, {"filter", "KUBE-KUBELET-CANARY"}} {
+				exec.Command(ipt, "-w", "-t", tc[0], "-F", tc[1]).Run()
+				exec.Command(ipt, "-w", "-t", tc[0], "-X", tc[1]).Run()
+			}
+		})
 	}
 }
 

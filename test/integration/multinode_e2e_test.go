@@ -40,6 +40,8 @@ const (
 	mnHostIP  = "10.255.0.254"
 	mnAPIPort = 16443
 	mnToken   = "ebt-multinode-token"
+	// mnServiceCIDR is the API server's --service-cluster-ip-range.
+	mnServiceCIDR = "10.96.0.0/16"
 )
 
 type cluster struct {
@@ -106,10 +108,13 @@ func startCluster(t *testing.T) *cluster {
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file="+filepath.Join(dir, "sa.pub"),
 		"--service-account-signing-key-file="+filepath.Join(dir, "sa.key"),
-		"--service-cluster-ip-range=10.96.0.0/16",
+		"--service-cluster-ip-range="+mnServiceCIDR,
 		"--api-audiences=https://kubernetes.default.svc.cluster.local",
 		"--allow-privileged=true",
 		"--enable-priority-and-fairness=false",
+		// exec, logs and port-forward reach a kubelet by its node IP: node
+		// names do not resolve here.
+		"--kubelet-preferred-address-types=InternalIP,Hostname",
 	)
 	c.start(api, "kube-apiserver")
 
@@ -237,8 +242,7 @@ func multiNode(t *testing.T, mode string) {
 
 	// Before any agent wrote the node's podCIDR, ADD asks to try again later.
 	early := &pod{n: n1.net, ns: n1.ns + "-early", path: "/var/run/netns/" + n1.ns + "-early"}
-	run(t, "ip", "netns", "add", early.ns)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", early.ns).Run() })
+	freshNetns(t, early.ns)
 	if out, err := n1.cnitool("add", early); err == nil || !strings.Contains(string(out), "try again later") && !strings.Contains(err.Error(), "podCIDR") {
 		t.Fatalf("ADD before the agent: %v %s, want a try-again-later error naming the podCIDR", err, out)
 	}

@@ -38,8 +38,7 @@ func (n *node) addAs(p *pod, namespace, name string) {
 func outsideNS(t *testing.T, n *node, podNet string) (*pod, netip.Addr) {
 	t.Helper()
 	name := n.name + "-ext"
-	run(t, "ip", "netns", "add", name)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	freshNetns(t, name)
 	host := n.name + "-e"
 	run(t, "ip", "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", name)
 	t.Cleanup(func() { exec.Command("ip", "link", "del", host).Run() })

@@ -47,6 +47,7 @@ func main() {
 	out := flag.String("o", "image.tar", "archive to write")
 	name := flag.String("name", "", "image name with tag, e.g. localhost/ebpf-cni:dev")
 	entry := flag.String("entrypoint", "", "entrypoint, space separated")
+	cmd := flag.String("cmd", "", "default arguments (the image's CMD), space separated")
 	tree := flag.String("tree", "", "LOCAL_DIR whose contents become the image's / (symlinks kept)")
 	var fs files
 	flag.Var(&fs, "file", "IMAGE_PATH=LOCAL_FILE (repeatable); executable bits are kept")
@@ -55,7 +56,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "ociimage: -name and at least one -file or a -tree are required")
 		os.Exit(2)
 	}
-	if err := build(*out, *name, strings.Fields(*entry), *tree, fs); err != nil {
+	if err := build(*out, *name, strings.Fields(*entry), strings.Fields(*cmd), *tree, fs); err != nil {
 		fmt.Fprintln(os.Stderr, "ociimage:", err)
 		os.Exit(1)
 	}
@@ -179,15 +180,19 @@ func parents(rel string) []string {
 	return out
 }
 
-func build(out, name string, entry []string, tree string, fs files) error {
+func build(out, name string, entry, cmd []string, tree string, fs files) error {
 	layerGz, diffID, err := layer(tree, fs)
 	if err != nil {
 		return err
 	}
+	imageConfig := map[string]any{"Entrypoint": entry, "Env": []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}}
+	if len(cmd) > 0 {
+		imageConfig["Cmd"] = cmd
+	}
 	config, err := json.Marshal(map[string]any{
 		"architecture": runtime.GOARCH,
 		"os":           "linux",
-		"config":       map[string]any{"Entrypoint": entry, "Env": []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}},
+		"config":       imageConfig,
 		"rootfs":       map[string]any{"type": "layers", "diff_ids": []string{diffID}},
 		"history":      []map[string]string{{"created_by": "ebpf-cni tools/ociimage"}},
 	})
