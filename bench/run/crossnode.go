@@ -194,10 +194,17 @@ func (e *env) xnNetwork(kind string, n *xnode, podMTU int) (*network, error) {
 	short := strings.TrimPrefix(n.ns, prefix)
 	var conf map[string]any
 	switch kind {
-	case "native", "vxlan":
+	case "native", "vxlan", "hostpath":
 		conf = map[string]any{"type": "ebpf-cni", "mtu": podMTU, "pinRoot": filepath.Join(n.bpf, "ebpf-cni"),
 			"stateDir": filepath.Join(e.dir, n.ns, "state"), "clusterCIDRs": []string{xnCluster},
 			"ipam": map[string]any{"ranges": [][]map[string]string{{{"subnet": n.podNet.String()}}}, "dataDir": filepath.Join(e.dir, n.ns, "ipam")}}
+		if kind == "hostpath" {
+			// Before the fast path: no cluster ranges, so from_pod leaves
+			// other nodes' pods to the host's forwarding; the masquerade
+			// rule is the one ptp's setup gets (masquerade(n)).
+			delete(conf, "clusterCIDRs")
+			conf["masquerade"] = false
+		}
 	default: // ptp
 		conf = map[string]any{"type": "ptp", "mtu": podMTU, "ipMasq": false,
 			"ipam": map[string]any{"type": "host-local", "ranges": [][]map[string]string{{{"subnet": n.podNet.String()}}},
@@ -232,7 +239,7 @@ func xnSetup(e *env, kind, label string, i int) (*xsetup, error) {
 	}
 	podMTU := mtu
 	switch kind {
-	case "native", "ptp":
+	case "native", "ptp", "hostpath":
 		err = staticRoutes(n1, n2)
 	case "vxlan":
 		podMTU = mtu - 50
@@ -245,11 +252,12 @@ func xnSetup(e *env, kind, label string, i int) (*xsetup, error) {
 		return nil, err
 	}
 	for j, n := range []*xnode{n1, n2} {
-		if kind == "native" {
+		if kind == "native" || kind == "hostpath" {
 			if err := e.mountBPF(n); err != nil {
 				return nil, err
 			}
-		} else if kind != "vxlan" {
+		}
+		if kind != "native" && kind != "vxlan" {
 			if err := masquerade(n); err != nil {
 				return nil, err
 			}
@@ -284,6 +292,7 @@ func xnSetup(e *env, kind, label string, i int) (*xsetup, error) {
 var xnKinds = []struct{ kind, label string }{
 	{"n2n", "node to node (underlay)"},
 	{"native", "ebpf-cni native"},
+	{"hostpath", "ebpf-cni via the host stack (before the fast path)"},
 	{"vxlan", "ebpf-cni VXLAN"},
 	{"ptp", "ptp + host-local, static routes"},
 	{"kvxlan", "kernel VXLAN (flannel-style) + ptp"},

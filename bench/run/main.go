@@ -34,7 +34,7 @@ var (
 	only         = flag.String("sections", "startup,datapath,crossnode,churn,soak,services,policy", "sections to run, comma-separated (the report holds those run)")
 	soakCycles   = flag.Int("soak-cycles", 1000, "soak: ADD/DEL cycles")
 	soakParallel = flag.Int("soak-parallel", 50, "soak: cycles at once")
-	xnOnly       = flag.String("crossnode", "n2n,native,vxlan,ptp,kvxlan", "cross-node setups to run (n2n is required)")
+	xnOnly       = flag.String("crossnode", "n2n,native,hostpath,vxlan,ptp,kvxlan", "cross-node setups to run (n2n is required)")
 	congestion   = flag.String("cc", "cubic", "TCP congestion control of the iperf3 streams (BBR's pacing holds sub-100 µs paths below what they carry: compare setups with the Linux default)")
 	hold         = flag.Bool("hold", false, "cross-node, services: set up, print the namespaces and wait for SIGINT instead of measuring (profiling by hand)")
 	agentBin     = flag.String("agent", "bin/ebpf-cni-agent", "services: ebpf-cni-agent binary (the BPF Services setup)")

@@ -55,7 +55,7 @@ func main() {
 	repairEvery := flag.Duration("repair-interval", 2*time.Second, "how often the datapath controller checks the pods' datapath")
 	var serviceCIDRs prefixList
 	flag.Var(&serviceCIDRs, "service-cidrs", "services: the cluster's Service ranges, comma-separated (added to those of ServiceCIDR objects): addresses in them no Service has are refused")
-	cgroupRoot := flag.String("cgroup-root", "", "services: the cgroup v2 directory whose processes get socket load balancing (empty: the node's hierarchy root, mounted at "+loader.CgroupMount+" if the node has none)")
+	cgroupRoot := flag.String("cgroup-root", "", "services: the cgroup v2 directory whose processes get socket load balancing; a relative path is below the node's hierarchy root (empty: that root, mounted at "+loader.CgroupMount+" if the node has none)")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	cfg := routes.Config{NodeName: *nodeName, Mode: routes.Mode(*mode), StateDir: *stateDir, Resync: *resync}

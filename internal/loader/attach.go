@@ -56,7 +56,22 @@ func linkPin(root, ifname, dir string) string {
 // Orphans lists the interfaces that have link pins under root but no
 // longer exist (a veth deleted with its pod's namespace).
 func Orphans(root string) ([]string, error) {
-	pins, err := os.ReadDir(LinkDir(root))
+	names, err := pinnedDevices(root, false)
+	var out []string
+	for _, ifname := range names {
+		_, err := netlink.LinkByName(ifname)
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			out = append(out, ifname)
+		}
+	}
+	return out, err
+}
+
+// pinnedDevices lists, once each, the device names that have link pins
+// under root: the node devices' (node) or the host veths'.
+func pinnedDevices(root string, node bool) ([]string, error) {
+	entries, err := os.ReadDir(LinkDir(root))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
@@ -65,20 +80,15 @@ func Orphans(root string) ([]string, error) {
 	}
 	seen := map[string]bool{}
 	var out []string
-	for _, p := range pins {
-		if strings.HasPrefix(p.Name(), nodePrefix) {
-			continue // a node device's: SweepNodes
+	for _, e := range entries {
+		rest, isNode := strings.CutPrefix(e.Name(), nodePrefix)
+		if isNode != node {
+			continue
 		}
 		for _, h := range hooks {
-			ifname, ok := strings.CutSuffix(p.Name(), "-"+h.dir)
-			if !ok || ifname == "" || seen[ifname] {
-				continue
-			}
-			seen[ifname] = true
-			_, err := netlink.LinkByName(ifname)
-			var nf netlink.LinkNotFoundError
-			if errors.As(err, &nf) {
-				out = append(out, ifname)
+			if name, ok := strings.CutSuffix(rest, "-"+h.dir); ok && name != "" && !seen[name] {
+				seen[name] = true
+				out = append(out, name)
 			}
 		}
 	}

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -144,7 +143,7 @@ type NodeAttachment struct {
 // NodeAttachments lists the node devices with our link pins, and what the
 // kernel reports attached on each hook.
 func NodeAttachments(root string) ([]NodeAttachment, error) {
-	names, err := nodePinned(root)
+	names, err := pinnedDevices(root, true)
 	if err != nil {
 		return nil, err
 	}
@@ -168,36 +167,10 @@ func NodeAttachments(root string) ([]NodeAttachment, error) {
 	return out, nil
 }
 
-// nodePinned lists the device names that have node link pins.
-func nodePinned(root string) ([]string, error) {
-	entries, err := os.ReadDir(LinkDir(root))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("list link pins: %w", err)
-	}
-	seen := map[string]bool{}
-	var out []string
-	for _, e := range entries {
-		rest, ok := strings.CutPrefix(e.Name(), nodePrefix)
-		if !ok {
-			continue
-		}
-		for _, h := range hooks {
-			if name, ok := strings.CutSuffix(rest, "-"+h.dir); ok && name != "" && !seen[name] {
-				seen[name] = true
-				out = append(out, name)
-			}
-		}
-	}
-	return out, nil
-}
-
 // DetachNodes removes every node-device attachment of ours (ebpf-cni
 // uninstall): their link pins, which detaches TCX links, and our tc filters.
 func DetachNodes(root string) error {
-	names, err := nodePinned(root)
+	names, err := pinnedDevices(root, true)
 	var errs []error
 	errs = append(errs, err)
 	for _, name := range names {
@@ -219,7 +192,7 @@ func DetachNodes(root string) error {
 // kernel reports such a link with ifindex 0) or were re-created under the
 // same name (another ifindex): the next ADD attaches to the new device.
 func SweepNodes(root string) error {
-	names, err := nodePinned(root)
+	names, err := pinnedDevices(root, true)
 	errs := []error{err}
 	for _, name := range names {
 		idx := 0

@@ -58,6 +58,8 @@ type kubeletClusterOpts struct {
 	// images are OCI archives imported into containerd before the kubelet
 	// starts (pods use IfNotPresent: nothing is pulled).
 	images []string
+	// edit changes deploy/'s manifest before it is applied.
+	edit func(t *testing.T, manifest string) string
 }
 
 // The single-node cluster's fixed names and addresses.
@@ -231,6 +233,9 @@ evictionHard: {}
 			t.Fatal(err)
 		}
 	}
+	if o.edit != nil {
+		m = o.edit(t, m)
+	}
 	mf := filepath.Join(c.dir, "ebpf-cni.yaml")
 	os.WriteFile(mf, []byte(m), 0o644)
 	if out, err := k.run("apply", "-f", mf); err != nil {
@@ -312,7 +317,7 @@ func (k *kubeletCluster) startKubeProxy(t *testing.T, mode string) {
 // serves Services (kubeletServices); scaling down and deleting leaves
 // nothing.
 func TestKubeletCluster(t *testing.T) {
-	k := startKubeletCluster(t, kubeletClusterOpts{})
+	k := startKubeletCluster(t, kubeletClusterOpts{edit: servicesFromOutside})
 	c, ctrd, ds := k.cluster, k.ctrd, k.ds
 	ctx := context.Background()
 

@@ -33,7 +33,7 @@ func TestMultiNodeServices(t *testing.T) {
 	n1, n2 := c.addNode(t, 1), c.addNode(t, 2)
 	cg := map[*mnNode]int{}
 	for _, n := range []*mnNode{n1, n2} {
-		dir, fd := newCgroup(t, t.Name()+n.name)
+		dir, fd := newCgroup(t, "", t.Name()+n.name)
 		cg[n] = fd
 		n.startAgent(t, "native", "-controllers", "routes,services", "-cgroup-root", dir)
 	}

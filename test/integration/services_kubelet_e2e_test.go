@@ -6,6 +6,8 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -17,6 +19,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
+
+	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 )
 
 // kubeletServices checks Services without kube-proxy on the kubelet
@@ -91,8 +95,17 @@ func kubeletServices(t *testing.T, k *kubeletCluster) {
 		t.Fatalf("echo pods: %v", err)
 	}
 	client := k.podNS(t, pods.Items[0])
+	// The test's clients, in a pod's network namespace or the host's, join
+	// a cgroup under the pods' one, which the socket hooks hold
+	// (servicesFromOutside); the outside client stays out of it.
+	_, clientCg := newCgroup(t, podCgroup, "clients")
+	var outside *pod
 	dialFrom := func(p *pod, addr string) (host, seen string, err error) {
-		out, err := probeCmd(p, -1, "dial", addr).CombinedOutput()
+		cg := clientCg
+		if p != nil && p == outside {
+			cg = -1
+		}
+		out, err := probeCmd(p, cg, "dial", addr).CombinedOutput()
 		if err != nil {
 			return "", "", fmt.Errorf("%v: %s", err, out)
 		}
@@ -120,25 +133,35 @@ func kubeletServices(t *testing.T, k *kubeletCluster) {
 	if _, _, err := dialFrom(nil, clusterIP); err != nil {
 		t.Errorf("host -> ClusterIP: %v", err)
 	}
-	if out, err := probeCmd(client, -1, "udp-dial", netip.AddrPortFrom(vip, 53).String(), "64").CombinedOutput(); err != nil ||
+	if out, err := probeCmd(client, clientCg, "udp-dial", netip.AddrPortFrom(vip, 53).String(), "64").CombinedOutput(); err != nil ||
 		!strings.HasPrefix(string(out), "100 ") {
 		t.Errorf("pod -> ClusterIP over UDP: %v %q", err, out)
 	}
 
-	// NodePort on the node's address from a pod: balanced at connect, the
-	// backend sees the pod (NodePort from outside the node, masqueraded or
-	// kept with externalTrafficPolicy, is TestMultiNodeServices': here every
-	// process of the machine, a namespace playing "outside" included, sits
-	// under the cgroup the socket hooks hold).
+	// NodePort from outside: a namespace on the node's bridge, outside the
+	// hooked cgroup, reaches the node's address as another machine would:
+	// translated on the node device, masqueraded (Cluster), then with the
+	// client's address kept (Local).
+	outside = outsideClient(t, k.under)
 	np := netip.AddrPortFrom(netip.MustParseAddr(mnHostIP), uint16(svc.Spec.Ports[0].NodePort)).String()
+	if _, seen, err := dialFrom(outside, np); err != nil || seen != mnHostIP {
+		t.Errorf("outside -> NodePort (Cluster): seen %q %v, want the node's address %s (masqueraded)", seen, err, mnHostIP)
+	}
+	// From a pod, the same NodePort is balanced at connect: no NAT.
 	if _, seen, err := dialFrom(client, np); err != nil || seen != pods.Items[0].Status.PodIP {
 		t.Errorf("pod -> NodePort: seen %q %v, want the pod %s", seen, err, pods.Items[0].Status.PodIP)
 	}
 	svc, _ = c.CoreV1().Services("default").Get(ctx, "echo", metav1.GetOptions{})
+	svc.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
 	svc.Spec.SessionAffinity = corev1.ServiceAffinityClientIP
 	if _, err := c.CoreV1().Services("default").Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	outsideIP := k.under.net4 + ".200"
+	waitFor(t, "the NodePort to keep the client address (Local)", 15*time.Second, func() bool {
+		_, seen, err := dialFrom(outside, np)
+		return err == nil && seen == outsideIP
+	})
 	// Session affinity: one backend for one client.
 	time.Sleep(2 * time.Second) // the agent's update (affinity) is in place
 	first, _, err := dialFrom(client, clusterIP)
@@ -196,4 +219,51 @@ func (k *kubeletCluster) podNS(t *testing.T, p corev1.Pod) *pod {
 	}
 	netns := k.ctrd.sandboxOf(e.ContainerID).netns
 	return &pod{ns: filepath.Base(netns), path: netns}
+}
+
+// podCgroup is where containerd's runc puts the pods on this machine's
+// hybrid layout, relative to the cgroup v2 root.
+const podCgroup = "k8s.io"
+
+// servicesFromOutside edits deploy/ so that a namespace on the node's
+// bridge can play a client on another machine. On one machine every
+// process, that namespace's included, sits under the cgroup v2 root, where
+// the socket hooks attach by default: its connect to a NodePort would be
+// balanced on the spot instead of reaching the node. So the agent hooks
+// the pods' cgroup (-cgroup-root; the test's host clients join a cgroup
+// below it). The NodePort traffic arrives on the bridge, which holds the
+// node's address: the agent's services controller attaches there.
+func servicesFromOutside(t *testing.T, m string) string {
+	root, err := loader.CgroupRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(root, podCgroup), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range [][2]string{
+		{`"-controllers=routes,datapath,services,policy"`, `"-controllers=routes,datapath,services,policy", "-cgroup-root=` + podCgroup + `"`},
+	} {
+		if !strings.Contains(m, r[0]) {
+			t.Fatalf("deploy/ebpf-cni.yaml has no %s to edit", r[0])
+		}
+		m = strings.Replace(m, r[0], r[1], 1)
+	}
+	return m
+}
+
+// outsideClient is a namespace on the cluster's bridge at .200, outside
+// the node: it reaches the node's address like another machine would.
+func outsideClient(t *testing.T, u *underlay) *pod {
+	t.Helper()
+	name := "ebt-outside"
+	freshNetns(t, name)
+	exec.Command("ip", "link", "del", "ebt-out").Run() // a killed run's
+	run(t, "ip", "link", "add", "ebt-out", "type", "veth", "peer", "name", "eth0", "netns", name)
+	t.Cleanup(func() { exec.Command("ip", "link", "del", "ebt-out").Run() })
+	run(t, "ip", "link", "set", "ebt-out", "master", u.bridge, "up")
+	run(t, "ip", "-n", name, "addr", "add", u.net4+".200/24", "dev", "eth0")
+	run(t, "ip", "-n", name, "link", "set", "eth0", "up")
+	run(t, "ip", "-n", name, "link", "set", "lo", "up")
+	return &pod{ns: name, path: "/var/run/netns/" + name}
 }

@@ -23,14 +23,16 @@ import (
 )
 
 // newCgroup makes a cgroup v2 directory named ebt-<name> for the test's
-// processes, removed at its end (after they are gone).
-func newCgroup(t *testing.T, name string) (dir string, fd int) {
+// processes (below parent, a path relative to the hierarchy's root; "" for
+// the root), removed at its end (after they are gone).
+func newCgroup(t *testing.T, parent, name string) (dir string, fd int) {
 	t.Helper()
 	root, err := loader.CgroupRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir = filepath.Join(root, "ebt-"+strings.ToLower(nonAlnum.ReplaceAllString(name, "")))
+	dir = filepath.Join(root, parent, "ebt-"+strings.ToLower(nonAlnum.ReplaceAllString(name, "")))
+	os.Remove(dir) // a killed run's, empty by now
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -56,7 +58,7 @@ func newCgroup(t *testing.T, name string) (dir string, fd int) {
 // attached: the test's clients run in it.
 func testCgroup(t *testing.T, pinRoot string) (dir string, fd int) {
 	t.Helper()
-	dir, fd = newCgroup(t, t.Name())
+	dir, fd = newCgroup(t, "", t.Name())
 	t.Cleanup(func() { loader.DetachCgroup(pinRoot) })
 	progs, err := loader.Open(pinRoot)
 	if err != nil {

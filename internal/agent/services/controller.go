@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"sync"
 	"time"
@@ -52,7 +53,8 @@ type Config struct {
 	NodeName string
 	PinRoot  string // the plugin's pin root
 	// CgroupRoot is the cgroup v2 directory the socket programs attach to;
-	// empty: the node's hierarchy root (loader.CgroupRoot).
+	// a relative path is below the node's hierarchy root (loader.CgroupRoot),
+	// empty is that root.
 	CgroupRoot string
 	Resync     time.Duration
 	// NATSweep is how often idle translated flows of NodePorts are removed.
@@ -354,8 +356,9 @@ func (c *Controller) finish(start time.Time, fullDone bool, err error) {
 	first := c.Record(err, fullDone)
 	if err != nil {
 		c.m.syncErrors.Inc()
+		// The loop's one-second tick retries what failed (kept dirty); an
+		// immediate retry would spin on a lasting error.
 		c.log.Error("reconcile", "err", err)
-		c.kick.Poke() // the loop's one-second tick retries too
 		return
 	}
 	if first {
@@ -493,11 +496,12 @@ func converge[T comparable](have, want []T, put, del func(T) error) error {
 func (c *Controller) ensureHooks() error {
 	if c.cgroup == "" {
 		dir := c.cfg.CgroupRoot
-		if dir == "" {
-			var err error
-			if dir, err = loader.CgroupRoot(); err != nil {
+		if !filepath.IsAbs(dir) {
+			root, err := loader.CgroupRoot()
+			if err != nil {
 				return err
 			}
+			dir = filepath.Join(root, dir)
 		}
 		c.cgroup = dir
 	}
