@@ -160,7 +160,8 @@ func (r *report) writeChurn(w func(string, ...any)) {
 		w("| %s | %.2f | %.2f | %s |\n", label, float64(last.addP50)/float64(first.addP50), float64(last.delP50)/float64(first.delP50), vsPtp)
 	}
 	if c := r.churn["ebpf-cni"]; len(c) > 0 {
-		w("\nebpf-cni's pinned maps (endpoints_v1, devices_v1, ep_stats_v1: preallocated hash maps of 16384 entries; host_flows_v1: LRU hash of 65536) take "+
-			"%.1f MiB of memlock whatever the pod count (bpftool `bytes_memlock`).\n", float64(c[len(c)-1].mapBytes)/(1<<20))
+		w("\nebpf-cni's pinned maps (every map of the datapath: endpoints, devices, counters, host flows, cluster ranges, Services, "+
+			"NetworkPolicy, conntrack; hash maps preallocated) take %.1f MiB of memlock whatever the pod count (bpftool `bytes_memlock`).\n",
+			float64(c[len(c)-1].mapBytes)/(1<<20))
 	}
 }
