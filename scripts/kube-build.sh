@@ -238,7 +238,7 @@ build_coredns() {
 }
 
 start=$SECONDS
-log "the first build also downloads a few hundred MB of modules; expect 10-20 min on 2 cores"
+log "the first build also downloads about 800 MB of modules; expect 5-20 min on 2 cores"
 for name in "${todo[@]}"; do
 	log "building $name $version (CGO_ENABLED=0)"
 	t=$SECONDS
