@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -324,6 +325,7 @@ func runCrossNode(e *env, rep *report) error {
 			return err
 		}
 		defer stop()
+		e.onCleanup(stop) // a -hold ended by SIGINT never returns here
 	}
 	time.Sleep(500 * time.Millisecond)
 	for _, s := range setups {
@@ -370,7 +372,8 @@ func startServers(s *setup) (func(), error) {
 		srv.Process.Kill()
 		return nil, err
 	}
-	return func() { srv.Process.Kill(); ip.Process.Kill(); srv.Wait(); ip.Wait() }, nil
+	var once sync.Once
+	return func() { once.Do(func() { srv.Process.Kill(); ip.Process.Kill(); srv.Wait(); ip.Wait() }) }, nil
 }
 
 // udpPPS is the rate of 64-byte UDP datagrams the server received, with

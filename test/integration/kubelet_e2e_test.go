@@ -21,6 +21,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 
+	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 	"github.com/ebpf-cni/ebpf-cni/internal/veth"
 )
 
@@ -93,6 +94,7 @@ func startKubeletCluster(t *testing.T, o kubeletClusterOpts) *kubeletCluster {
 	}
 	saveSysctls(t)
 	kubeletChains(t)
+	emptyContainerCgroups(t)
 	c := startCluster(t)
 	k := &kubeletCluster{cluster: c}
 	serviceRangeBlackhole(t)
@@ -462,4 +464,22 @@ func sharedBPFFS(t *testing.T) {
 		t.Cleanup(func() { exec.Command("umount", "/sys/fs/bpf").Run() })
 	}
 	run(t, "mount", "--make-shared", "/sys/fs/bpf")
+}
+
+// emptyContainerCgroups removes, at the end, the empty cgroup v2
+// directories runc leaves under k8s.io on a hybrid layout (it removes the
+// v1 ones only); busy ones (a real containerd's) stay.
+func emptyContainerCgroups(t *testing.T) {
+	t.Cleanup(func() {
+		root, err := loader.CgroupRoot()
+		if err != nil {
+			return
+		}
+		dirs, _ := filepath.Glob(filepath.Join(root, podCgroup, "*"))
+		for _, d := range dirs {
+			if fi, err := os.Stat(d); err == nil && fi.IsDir() {
+				unix.Rmdir(d)
+			}
+		}
+	})
 }
