@@ -28,13 +28,18 @@
 #                        DNS of the e2e cluster.
 # Prints one archive path per line on stdout.
 set -euo pipefail
+# OUTDIR as the caller meant it, before the cd; it is emptied below, so
+# refuse what is not a directory of its own.
+out=$(realpath -m "${1:-$(dirname "$0")/../bin/e2e-images}")
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/go/bin:${HOME:-/root}/go/bin:$PATH"
 
 log() { echo "e2e-images: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-out=$(realpath -m "${1:-bin/e2e-images}")
+case "$out" in
+/ | "$(pwd)" | "$(pwd)/bin" | "$HOME") die "refusing to empty $out: give a directory of its own" ;;
+esac
 bindir=$(bash scripts/kube-build.sh e2e.test agnhost coredns | tail -n1)
 for f in busybox dash bash curl nc.openbsd dig nslookup getent ldd; do
 	command -v "$f" >/dev/null || die "$f missing: run scripts/deps.sh --e2e"
@@ -113,7 +118,7 @@ cp -a "$root" "$work/check"
 printf '127.0.0.1 localhost\n' >"$work/check/etc/hosts"
 mkdir -p "$work/check/proc"
 mount -t proc proc "$work/check/proc"
-trap 'umount "$work/check/proc" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'umount -l "$work/check/proc" 2>/dev/null || true; rm -rf --one-file-system "$work"' EXIT
 check "sh, seq, test" 'for i in `seq 1 2`; do test -n "$i" && echo ok; sleep 0; done | grep -c ok | grep -qx 2'
 check "curl" 'curl -g -q -s --max-time 15 --connect-timeout 1 --interface 127.0.0.1 -o /tmp/x -w %{http_code} http://127.0.0.1:1/; test $? = 7'
 check "nc -t" 'echo hostName | nc -v -t -w 2 127.0.0.1 1 2>&1 | grep -q refused'

@@ -37,7 +37,7 @@ bins=()
 for arg in "$@"; do
 	case "$arg" in
 	--print-dir) print_only=true ;;
-	-h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
+	-h | --help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
 	-*) die "unknown flag $arg (try --help)" ;;
 	*)
 		[[ "$arg" =~ ^[a-z0-9-]+$ || "$arg" = e2e.test ]] || die "bad binary name: $arg"
@@ -98,20 +98,26 @@ ginkgo_version() { kube_file go.mod | awk '$1 == "github.com/onsi/ginkgo/v2" {pr
 # runs NAME PATH: true when PATH is a working binary that reports the
 # version it was built for.
 runs() {
-	local out want=$version
+	local out v want=$version
 	[ -x "$2" ] || return 1
 	case "$1" in
 	coredns)
-		want="CoreDNS-$(coredns_version | sed 's/^v//')"
+		v=$(coredns_version | sed 's/^v//')
+		[ -n "$v" ] || return 1 # unknown version: nothing can match
+		want="CoreDNS-$v"
 		out=$(timeout 30 "$2" -version 2>&1) || return 1
 		;;
 	kubectl) out=$(timeout 30 "$2" version --client 2>&1) || return 1 ;;
 	ginkgo)
-		want="Ginkgo Version $(ginkgo_version | sed 's/^v//')"
+		v=$(ginkgo_version | sed 's/^v//')
+		[ -n "$v" ] || return 1
+		want="Ginkgo Version $v"
 		out=$(timeout 30 "$2" version 2>&1) || return 1
 		;;
 	agnhost)
-		want="version $(agnhost_version)" # cobra prints "app version 2.56"
+		v=$(agnhost_version)
+		[ -n "$v" ] || return 1
+		want="version $v" # cobra prints "app version 2.56"
 		out=$(timeout 30 "$2" --version 2>&1) || return 1
 		;;
 	*) out=$(timeout 30 "$2" --version 2>&1) || return 1 ;;

@@ -102,11 +102,16 @@ func TestMultiNodePolicy(t *testing.T) {
 		}
 	}
 	rep := n1.inspect(t)
+	found := false
 	for _, e := range rep.Endpoints {
+		found = found || e.IP == target.ip(false)
 		if e.IP == target.ip(false) && (!e.Policy.Ingress || !e.Policy.Egress || e.Policy.Counters.IngressDenied == 0 ||
 			e.Policy.Counters.EgressDenied == 0 || e.Policy.Counters.IngressAllowed == 0) {
 			t.Errorf("target's policy state on n1: %+v", e.Policy)
 		}
+	}
+	if !found {
+		t.Errorf("inspect on n1 has no target pod %s", target.ip(false))
 	}
 	// The strangers become friends: allowed within seconds.
 	ns, err := c.client.CoreV1().Namespaces().Get(ctx, "strangers", metav1.GetOptions{})

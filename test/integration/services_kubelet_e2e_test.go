@@ -59,6 +59,11 @@ func kubeletServices(t *testing.T, k *kubeletCluster) {
 	if _, err := c.AppsV1().Deployments("default").Create(ctx, dep, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	// Gone at the end whatever happens (the parent waits for every pod).
+	t.Cleanup(func() {
+		c.CoreV1().Services("default").Delete(ctx, "echo", metav1.DeleteOptions{})
+		c.AppsV1().Deployments("default").Delete(ctx, "echo", metav1.DeleteOptions{})
+	})
 	svc, err := c.CoreV1().Services("default").Create(ctx, &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: "echo"},
 		Spec: corev1.ServiceSpec{Type: corev1.ServiceTypeNodePort, Selector: labels, Ports: []corev1.ServicePort{

@@ -320,7 +320,12 @@ func (c *Controller) reconcile() {
 		nodeDirty = true
 	}
 	if nodeDirty {
-		errs = append(errs, c.syncNode(), c.syncRanges())
+		if err := errors.Join(c.syncNode(), c.syncRanges()); err != nil {
+			errs = append(errs, err)
+			c.mu.Lock()
+			c.nodeDirty = true // retried on the next loop
+			c.mu.Unlock()
+		}
 	}
 	errs = append(errs, c.ensureHooks())
 	before := c.ap.Writes()
@@ -356,7 +361,8 @@ func (c *Controller) finish(start time.Time, fullDone bool, err error) {
 	first := c.Record(err, fullDone)
 	if err != nil {
 		c.m.syncErrors.Inc()
-		// The loop's one-second tick retries what failed (kept dirty); an
+		// The loop's one-second tick retries what failed (Services and
+		// node state stay dirty; hooks and open run every pass); an
 		// immediate retry would spin on a lasting error.
 		c.log.Error("reconcile", "err", err)
 		return
