@@ -31,8 +31,8 @@ type Net struct {
 func (n Net) Store() Store { return NewStore(n.StateDir, n.Name) }
 
 // Teardown removes one attachment: map entries (before its addresses are
-// released, so they cannot be handed to a new pod while still mapped), link
-// pins and filters, the veth, the addresses, the record, and the network's
+// released, so they cannot be handed to a new pod while still mapped), the
+// veth, its link pins, the addresses, the record, and the network's
 // masquerade rules once its last attachment is gone. It keeps going past
 // errors and joins them; what is already gone is success, so DEL twice, DEL
 // after the netns is gone and DEL of an ADD that never ran all succeed.
@@ -47,8 +47,7 @@ func (n Net) Teardown(containerID, ifname string, extra []netip.Addr) error {
 	hostName := veth.HostName(containerID, ifname)
 	podMAC, _ := veth.MACs(containerID, ifname)
 	addrs := extra
-	live := veth.HostIndex(hostName) // 0 once the veth is gone
-	idx := live
+	idx := veth.HostIndex(hostName) // 0 once the veth is gone
 	if rec != nil {
 		addrs = append(addrs, rec.Addrs()...)
 		if idx == 0 {
@@ -59,10 +58,15 @@ func (n Net) Teardown(containerID, ifname string, extra []netip.Addr) error {
 
 	errs = append(errs, unmap(n.PinRoot, addrs, idx, podMAC))
 	killpoint.At("del-unmapped")
-	errs = append(errs, loader.Detach(n.PinRoot, live, hostName))
-	killpoint.At("del-detached")
+	// The veth goes before its link pins: the kernel drops a deleted
+	// device's TCX programs with it, and unpinning a link whose device is
+	// gone detaches nothing, where detaching from a live device waits out
+	// an RCU grace period per hook. Filters of legacy tc go with the
+	// device too; a device that is not a veth (left alone) is detached.
 	errs = append(errs, veth.Teardown(hostName))
 	killpoint.At("del-veth-gone")
+	errs = append(errs, loader.Detach(n.PinRoot, veth.HostIndex(hostName), hostName))
+	killpoint.At("del-detached")
 	errs = append(errs, n.IPAM.Del(ipam.Owner{ContainerID: containerID, IfName: ifname}))
 	killpoint.At("del-released")
 

@@ -24,7 +24,7 @@ import (
 var (
 	addSteps = []string{"ipam-temp-written", "ipam-owner-indexed", "ipam-linked", "add-ipam", "add-veth",
 		"device-entry", "add-device", "add-attached", "add-endpoints", "add-record", "add-nat"}
-	delSteps = []string{"del-unmapped", "del-detached", "del-veth-gone", "ipam-records-removed", "del-released",
+	delSteps = []string{"del-unmapped", "del-veth-gone", "del-detached", "ipam-records-removed", "del-released",
 		"del-record-removed"}
 )
 
