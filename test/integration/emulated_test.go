@@ -77,6 +77,7 @@ func (u *underlay) addNode(t *testing.T, tag string, i int, plugin config.Plugin
 	t.Cleanup(func() {
 		exec.Command("umount", "-l", bpf).Run()
 		os.RemoveAll(n.dir)
+		os.Remove(filepath.Dir(n.dir)) // the cluster's dir, once its last node is gone
 	})
 
 	n.net = &node{
