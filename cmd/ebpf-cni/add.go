@@ -84,15 +84,11 @@ func cmdAdd(args *skel.CmdArgs, conf *config.NetConf) (_ types.Result, retErr er
 	}
 	killpoint.At("add-ipam")
 
-	progs, err := loader.Ensure(conf.PinRoot)
-	if err != nil {
-		return nil, fmt.Errorf("load datapath: %w", err)
-	}
-	defer progs.Close()
-	m, err := maps.Open(conf.PinRoot)
+	progs, m, err := maps.Ensure(conf.PinRoot)
 	if err != nil {
 		return nil, err
 	}
+	defer progs.Close()
 	defer m.Close()
 	if conf.FastPath() {
 		// Node-wide, once: kept when this ADD fails, like the pins.

@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"slices"
@@ -55,11 +54,8 @@ func runCLI(argv []string, stdout, stderr io.Writer) int {
 }
 
 func inspect(argv []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("inspect", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs, pinRoot, stateDir := nodeFlags("inspect", stderr)
 	asJSON := fs.Bool("json", false, "print JSON")
-	pinRoot := fs.String("pin-root", config.DefaultPinRoot, "pin root of the datapath")
-	stateDir := fs.String("state-dir", config.DefaultStateDir, "state directory")
 	ipamDir := fs.String("ipam-dir", config.DefaultDataDir, "data directory of the built-in IPAM")
 	if err := fs.Parse(argv); err != nil {
 		return err

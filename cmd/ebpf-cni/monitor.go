@@ -3,7 +3,6 @@ package main
 import (
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -11,7 +10,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/ebpf-cni/ebpf-cni/internal/config"
 	"github.com/ebpf-cni/ebpf-cni/internal/endpoint"
 	"github.com/ebpf-cni/ebpf-cni/internal/maps"
 )
@@ -20,10 +18,7 @@ import (
 // NetworkPolicy, as the datapath reports them (a ring buffer: one reader
 // at a time), with the pod behind each host veth.
 func monitor(argv []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("monitor", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	pinRoot := fs.String("pin-root", config.DefaultPinRoot, "pin root of the datapath")
-	stateDir := fs.String("state-dir", config.DefaultStateDir, "state directory (pod names)")
+	fs, pinRoot, stateDir := nodeFlags("monitor", stderr)
 	asJSON := fs.Bool("json", false, "one JSON object per drop")
 	count := fs.Int("n", 0, "stop after this many drops (0: until interrupted)")
 	wait := fs.Duration("timeout", 0, "stop after this long (0: until interrupted)")

@@ -16,10 +16,7 @@ import (
 // migrates renamed maps (loader.Ensure), then restores whatever the live
 // pods' records say is missing.
 func repair(verb string, argv []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet(verb, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	pinRoot := fs.String("pin-root", config.DefaultPinRoot, "pin root of the datapath")
-	stateDir := fs.String("state-dir", config.DefaultStateDir, "state directory")
+	fs, pinRoot, stateDir := nodeFlags(verb, stderr)
 	if err := fs.Parse(argv); err != nil {
 		return err
 	}
@@ -38,4 +35,15 @@ func repair(verb string, argv []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stdout, "datapath %s under %s; %d pod(s) repaired\n", loader.Tag(), *pinRoot, n)
 	return nil
+}
+
+// nodeFlags is the flag set of an operator verb (inspect, monitor,
+// upgrade, repair, uninstall) with the two flags each takes: the
+// datapath's pin root and the state directory.
+func nodeFlags(verb string, stderr io.Writer) (fs *flag.FlagSet, pinRoot, stateDir *string) {
+	fs = flag.NewFlagSet(verb, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	pinRoot = fs.String("pin-root", config.DefaultPinRoot, "pin root of the datapath")
+	stateDir = fs.String("state-dir", config.DefaultStateDir, "state directory")
+	return fs, pinRoot, stateDir
 }

@@ -2,12 +2,10 @@ package main
 
 import (
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
 
-	"github.com/ebpf-cni/ebpf-cni/internal/config"
 	"github.com/ebpf-cni/ebpf-cni/internal/endpoint"
 	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 	"github.com/ebpf-cni/ebpf-cni/internal/maps"
@@ -21,10 +19,7 @@ import (
 // the masquerade table; pods still attached keep their datapath, and their
 // DEL removes the rest.
 func uninstall(argv []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("uninstall", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	pinRoot := fs.String("pin-root", config.DefaultPinRoot, "pin root of the datapath")
-	stateDir := fs.String("state-dir", config.DefaultStateDir, "state directory")
+	fs, pinRoot, stateDir := nodeFlags("uninstall", stderr)
 	if err := fs.Parse(argv); err != nil {
 		return err
 	}

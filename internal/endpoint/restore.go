@@ -108,15 +108,11 @@ func Restore(stateDir, defaultPinRoot string) (int, error) {
 }
 
 func restoreRoot(root, stateDir string, recs []*Record) (int, error) {
-	progs, err := loader.Ensure(root)
-	if err != nil {
-		return 0, fmt.Errorf("load datapath under %s: %w", root, err)
-	}
-	defer progs.Close()
-	m, err := maps.Open(root)
+	progs, m, err := maps.Ensure(root)
 	if err != nil {
 		return 0, err
 	}
+	defer progs.Close()
 	defer m.Close()
 	var errs []error
 	repaired := 0

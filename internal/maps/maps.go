@@ -60,6 +60,21 @@ func Open(root string) (*Maps, error) {
 	return m, nil
 }
 
+// Ensure loads the datapath under root if no one did yet (loader.Ensure)
+// and opens its maps; on an error nothing is left open.
+func Ensure(root string) (*loader.Programs, *Maps, error) {
+	progs, err := loader.Ensure(root)
+	if err != nil {
+		return nil, nil, fmt.Errorf("load datapath under %s: %w", root, err)
+	}
+	m, err := Open(root)
+	if err != nil {
+		progs.Close()
+		return nil, nil, err
+	}
+	return progs, m, nil
+}
+
 // FromObjects wraps the maps of an unpinned load (tests of the programs).
 func FromObjects(objs *loader.DatapathObjects) *Maps {
 	return &Maps{d: objs.DatapathMaps}

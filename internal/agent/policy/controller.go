@@ -35,7 +35,6 @@ import (
 
 	"github.com/ebpf-cni/ebpf-cni/internal/agent"
 	"github.com/ebpf-cni/ebpf-cni/internal/endpoint"
-	"github.com/ebpf-cni/ebpf-cni/internal/loader"
 	"github.com/ebpf-cni/ebpf-cni/internal/maps"
 	"github.com/ebpf-cni/ebpf-cni/internal/nl"
 	"github.com/ebpf-cni/ebpf-cni/internal/node"
@@ -141,15 +140,11 @@ func (c *Controller) Run(ctx context.Context) {
 // open loads the datapath if no ADD did yet and reads back what the policy
 // maps hold (a restart: no flush, no window without policy).
 func (c *Controller) open() error {
-	progs, err := loader.Ensure(c.cfg.PinRoot)
-	if err != nil {
-		return fmt.Errorf("load datapath: %w", err)
-	}
-	progs.Close()
-	dp, err := maps.Open(c.cfg.PinRoot)
+	progs, dp, err := maps.Ensure(c.cfg.PinRoot)
 	if err != nil {
 		return err
 	}
+	progs.Close() // the policy maps are all it needs
 	peers, err := dp.Peers()
 	if err != nil {
 		dp.Close()

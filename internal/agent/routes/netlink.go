@@ -279,15 +279,11 @@ func (r *Router) ensureVXLAN() (netlink.Link, error) {
 // attachOverlay loads the datapath (the plugin's build, pinned under the
 // pin root) if no ADD did yet, and attaches the overlay programs to dev.
 func (r *Router) attachOverlay(dev netlink.Link) error {
-	progs, err := loader.Ensure(r.PinRoot)
+	progs, m, err := maps.Ensure(r.PinRoot)
 	if err != nil {
-		return fmt.Errorf("load datapath for %s: %w", Device, err)
+		return fmt.Errorf("%s: %w", Device, err)
 	}
 	defer progs.Close()
-	m, err := maps.Open(r.PinRoot)
-	if err != nil {
-		return err
-	}
 	defer m.Close()
 	d := loader.NodeDevice{Name: Device, Index: dev.Attrs().Index, Role: loader.RoleOverlay}
 	if err := m.ResetNodeStats(d.Index); err != nil {

@@ -251,13 +251,8 @@ func (c *Controller) Run(ctx context.Context) {
 // open loads the datapath if no ADD did yet, opens its maps and restores
 // what they hold into a new applier.
 func (c *Controller) open() error {
-	progs, err := loader.Ensure(c.cfg.PinRoot)
+	progs, dp, err := maps.Ensure(c.cfg.PinRoot)
 	if err != nil {
-		return fmt.Errorf("load datapath: %w", err)
-	}
-	dp, err := maps.Open(c.cfg.PinRoot)
-	if err != nil {
-		progs.Close()
 		return err
 	}
 	entries, err := dp.ServiceEntries()
