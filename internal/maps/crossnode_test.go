@@ -36,31 +36,38 @@ func udpFrame(dst, src net.HardwareAddr, s, d netip.Addr, sport, dport uint16, t
 	binary.BigEndian.PutUint16(udp[0:], sport)
 	binary.BigEndian.PutUint16(udp[2:], dport)
 	binary.BigEndian.PutUint16(udp[4:], uint16(len(udp)))
-	if s.Is4() {
-		binary.Write(&b, binary.BigEndian, uint16(0x0800))
-		ip := make([]byte, 20)
-		ip[0] = 0x45
-		binary.BigEndian.PutUint16(ip[2:], uint16(20+len(udp)))
-		binary.BigEndian.PutUint16(ip[6:], fragOff)
-		ip[8], ip[9] = ttl, 17
-		sa, da := s.As4(), d.As4()
-		copy(ip[12:], sa[:])
-		copy(ip[16:], da[:])
-		binary.BigEndian.PutUint16(ip[10:], ipChecksum(ip))
-		b.Write(ip)
-	} else {
-		binary.Write(&b, binary.BigEndian, uint16(0x86dd))
-		ip := make([]byte, 40)
-		ip[0] = 0x60
-		binary.BigEndian.PutUint16(ip[4:], uint16(len(udp)))
-		ip[6], ip[7] = 17, ttl
-		sa, da := s.As16(), d.As16()
-		copy(ip[8:], sa[:])
-		copy(ip[24:], da[:])
-		b.Write(ip)
-	}
+	ipHeader(&b, s, d, 17, ttl, fragOff, len(udp))
 	b.Write(udp)
 	return padFrame(b.Bytes())
+}
+
+// ipHeader writes the ethertype and an IPv4 header (checksummed; fragOff
+// is the flags and offset field) or IPv6 header (no fragment) for an L4
+// part of l4len bytes.
+func ipHeader(b *bytes.Buffer, src, dst netip.Addr, proto, ttl byte, fragOff uint16, l4len int) {
+	if src.Is4() {
+		binary.Write(b, binary.BigEndian, uint16(0x0800))
+		ip := make([]byte, 20)
+		ip[0] = 0x45
+		binary.BigEndian.PutUint16(ip[2:], uint16(20+l4len))
+		binary.BigEndian.PutUint16(ip[6:], fragOff)
+		ip[8], ip[9] = ttl, proto
+		s, d := src.As4(), dst.As4()
+		copy(ip[12:], s[:])
+		copy(ip[16:], d[:])
+		binary.BigEndian.PutUint16(ip[10:], ipChecksum(ip))
+		b.Write(ip)
+		return
+	}
+	binary.Write(b, binary.BigEndian, uint16(0x86dd))
+	ip := make([]byte, 40)
+	ip[0] = 0x60
+	binary.BigEndian.PutUint16(ip[4:], uint16(l4len))
+	ip[6], ip[7] = proto, ttl
+	s, d := src.As16(), dst.As16()
+	copy(ip[8:], s[:])
+	copy(ip[24:], d[:])
+	b.Write(ip)
 }
 
 func ipChecksum(h []byte) uint16 {

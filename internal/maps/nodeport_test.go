@@ -34,28 +34,7 @@ func l4Frame(dstMAC, srcMAC net.HardwareAddr, src, dst netip.AddrPort, proto byt
 	var b bytes.Buffer
 	b.Write(dstMAC)
 	b.Write(srcMAC)
-	if src.Addr().Is4() {
-		binary.Write(&b, binary.BigEndian, uint16(0x0800))
-		ip := make([]byte, 20)
-		ip[0] = 0x45
-		binary.BigEndian.PutUint16(ip[2:], uint16(20+len(l4)))
-		ip[8], ip[9] = 64, proto
-		s, d := src.Addr().As4(), dst.Addr().As4()
-		copy(ip[12:], s[:])
-		copy(ip[16:], d[:])
-		binary.BigEndian.PutUint16(ip[10:], ipChecksum(ip))
-		b.Write(ip)
-	} else {
-		binary.Write(&b, binary.BigEndian, uint16(0x86dd))
-		ip := make([]byte, 40)
-		ip[0] = 0x60
-		binary.BigEndian.PutUint16(ip[4:], uint16(len(l4)))
-		ip[6], ip[7] = proto, 64
-		s, d := src.Addr().As16(), dst.Addr().As16()
-		copy(ip[8:], s[:])
-		copy(ip[24:], d[:])
-		b.Write(ip)
-	}
+	ipHeader(&b, src.Addr(), dst.Addr(), proto, 64, 0, len(l4))
 	csumAt := 16
 	if proto == syscall.IPPROTO_UDP {
 		csumAt = 6

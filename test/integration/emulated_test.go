@@ -126,13 +126,9 @@ func (n *emuNode) cnitool(verb string, p *pod, env ...string) ([]byte, error) {
 func (n *emuNode) addPod(t *testing.T, k int, env ...string) *pod {
 	t.Helper()
 	name := fmt.Sprintf("%s-p%d", n.ns, k)
-	exec.Command("ip", "netns", "del", name).Run() // a killed run's
-	run(t, "ip", "netns", "add", name)
+	freshNetns(t, name)
 	p := &pod{n: n.net, ns: name, path: "/var/run/netns/" + name}
-	t.Cleanup(func() {
-		n.cnitool("del", p, env...)
-		exec.Command("ip", "netns", "del", name).Run()
-	})
+	t.Cleanup(func() { n.cnitool("del", p, env...) }) // before the namespace goes
 	out, err := n.cnitool("add", p, env...)
 	if err != nil {
 		t.Fatal(err)
